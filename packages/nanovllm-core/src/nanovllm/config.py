@@ -1,0 +1,81 @@
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+from nanovllm import plugins
+
+_DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class Config:
+    """Engine options; every field is a keyword of ``LLM(model, ...)``."""
+
+    model: str
+    max_num_batched_tokens: int = 16384
+    max_num_seqs: int = 512
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_gib: float | None = None  # KV budget; default: measured on CUDA, 1 GiB on MPS, 2 GiB on CPU
+    num_kvcache_blocks: int | None = None  # overrides every memory-based sizing
+    kvcache_block_size: int = 256
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    dtype: str = "auto"
+    attention_backend: str | None = None
+    plugin_options: dict = field(default_factory=dict)
+    hf_config: PretrainedConfig | None = None
+    eos_token_ids: frozenset[int] = frozenset()
+
+    @classmethod
+    def from_options(cls, model: str, **options) -> "Config":
+        """Build a Config from ``LLM(...)`` keywords; unknown keywords fail with the known ones."""
+        known = {f.name for f in dataclasses.fields(cls)} - {"model", "plugin_options", "hf_config", "eos_token_ids"}
+        extra = plugins.plugin_options()
+        unknown = sorted(set(options) - known - set(extra))
+        if unknown:
+            raise TypeError(f"unknown option(s) {', '.join(map(repr, unknown))} for LLM(); known options: "
+                            f"{', '.join(sorted(known | set(extra)))}")
+        plugin_values = {name: options.pop(name, opt.default) for name, opt in extra.items()}
+        return cls(model, plugin_options=plugin_values, **options)
+
+    def __post_init__(self):
+        if not os.path.isdir(self.model):
+            raise FileNotFoundError(f"model folder {self.model!r} does not exist; pass the path of a local "
+                                    f"Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer)")
+        positive = ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "kvcache_block_size", "tensor_parallel_size")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        if self.num_kvcache_blocks is not None and self.num_kvcache_blocks < 1:
+            raise ValueError(f"num_kvcache_blocks={self.num_kvcache_blocks} must be a positive integer or None")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype={self.dtype!r} is not one of auto, {', '.join(_DTYPES)}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_num_seqs="
+                             f"{self.max_num_seqs}: a step must fit one token of every running sequence")
+        if self.hf_config is None:
+            self.hf_config = AutoConfig.from_pretrained(self.model)
+        self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_model_len="
+                             f"{self.max_model_len} with chunked prefill off: a long prompt could never be "
+                             f"scheduled; raise it or enable_chunked_prefill=True")
+        eos = self.hf_config.eos_token_id
+        self.eos_token_ids = frozenset(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        dtype = getattr(self.hf_config, "dtype", None) or getattr(self.hf_config, "torch_dtype", None)
+        if isinstance(dtype, str):
+            dtype = _DTYPES[dtype]
+        return dtype or torch.float32

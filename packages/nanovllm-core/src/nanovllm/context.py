@@ -1,0 +1,33 @@
+"""The per-step batch layout that attention layers read: one object, set by the model runner."""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Context:
+    """Every sequence in a step is a run of query tokens over its paged KV cache.
+
+    Sequence i computes tokens [context_lens[i] - q_len_i, context_lens[i]); decodes have q_len 1.
+    """
+
+    cu_seqlens_q: torch.Tensor  # int32 [num_seqs + 1]
+    cu_seqlens_k: torch.Tensor  # int32 [num_seqs + 1]
+    max_seqlen_q: int
+    max_seqlen_k: int
+    slot_mapping: torch.Tensor  # int64 [num_tokens]: where each new token's K and V go in the cache
+    context_lens: torch.Tensor  # int32 [num_seqs]: tokens in cache after this step
+    block_tables: torch.Tensor  # int32 [num_seqs, max_blocks]: cache block ids, padded with 0
+    is_decode: bool  # every sequence has exactly one query token
+
+
+_context: Context | None = None
+
+
+def set_context(context: Context | None):
+    global _context
+    _context = context
+
+
+def get_context() -> Context:
+    return _context

@@ -1,0 +1,35 @@
+import torch
+from torch import nn
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Set to -inf every logit outside each row's top-k, then outside its top-p nucleus.
+
+    top_k: [rows] int (vocabulary size to keep all); top_p: [rows] float (1.0 to keep all).
+    """
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.size(-1), device=logits.device)
+    sorted_logits.masked_fill_(ranks >= top_k.unsqueeze(1), float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # Keep a token while the mass before it is below p: the most likely token always stays.
+    sorted_logits.masked_fill_(probs.cumsum(dim=-1) - probs > top_p.unsqueeze(1), float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+class Sampler(nn.Module):
+    """Greedy rows take the argmax; the others sample by the exponential-race (Gumbel) trick."""
+
+    def forward(self, logits: torch.Tensor, temperatures: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                generators: list[torch.Generator | None], filter_top: bool) -> torch.Tensor:
+        logits = logits.float()
+        greedy = logits.argmax(dim=-1)
+        scaled = logits / temperatures.clamp(min=1e-5).unsqueeze(1)
+        if filter_top:
+            scaled = apply_top_k_top_p(scaled, top_k, top_p)
+        probs = scaled.softmax(dim=-1)
+        noise = torch.empty_like(probs).exponential_()
+        for row, generator in enumerate(generators):
+            if generator is not None:  # a seeded request draws from its own stream only
+                noise[row].exponential_(generator=generator)
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(temperatures == 0, greedy, sampled)

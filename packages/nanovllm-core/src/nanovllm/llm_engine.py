@@ -1,0 +1,146 @@
+"""Tokenize, add requests, loop scheduler and model runner steps until every request is done."""
+import atexit
+import logging
+import multiprocessing as mp
+import socket
+import time
+
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer
+
+from nanovllm import plugins
+from nanovllm.attention import select_backend
+from nanovllm.config import Config
+from nanovllm.model_runner import ModelRunner, run_worker
+from nanovllm.platform import detect_platform
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.scheduler import Scheduler
+from nanovllm.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model_class(hf_config) -> type:
+    classes = plugins.model_classes()
+    architectures = getattr(hf_config, "architectures", None) or []
+    for arch in architectures:
+        if arch in classes:
+            return classes[arch]
+    raise ValueError(f"architecture {architectures or '(none in config.json)'} is not supported; installed "
+                     f"architectures: {', '.join(sorted(classes)) or 'none'}. Install a plugin that provides it "
+                     f"(e.g. nanovllm-models) or check NANOVLLM_PLUGINS.")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LLMEngine:
+    def __init__(self, model: str, **options):
+        config = Config.from_options(model, **options)
+        self.config = config
+        hf_config = config.hf_config
+        model_cls = resolve_model_class(hf_config)
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        platform = detect_platform()
+        backend_cls, why = select_backend(plugins.attention_backends(), platform, config.torch_dtype, head_dim,
+                                          config.kvcache_block_size, config.attention_backend)
+        logger.info("attention backend: %s", why)
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        config.eos_token_ids |= {self.tokenizer.eos_token_id} - {None}
+        self.processes = []
+        conns = []
+        port = _free_port() if config.tensor_parallel_size > 1 else None
+        spawn = mp.get_context("spawn")
+        for rank in range(1, config.tensor_parallel_size):
+            parent, child = spawn.Pipe()
+            process = spawn.Process(target=run_worker, args=(config, rank, model_cls, backend_cls, port, child),
+                                    daemon=True)
+            process.start()
+            self.processes.append(process)
+            conns.append(parent)
+        try:
+            self.model_runner = ModelRunner(config, 0, model_cls, backend_cls, port, conns)
+        except BaseException:
+            for process in self.processes:
+                process.terminate()
+            raise
+        self.scheduler = Scheduler(config, self.model_runner.num_kvcache_blocks)
+        self._exited = False
+        atexit.register(self.exit)
+
+    def exit(self):
+        if self._exited:
+            return
+        self._exited = True
+        self.model_runner.call("exit")
+        for process in self.processes:
+            process.join()
+
+    def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> Sequence:
+        seq = Sequence(self._validated_token_ids(prompt), sampling_params, self.config.kvcache_block_size)
+        self.scheduler.add(seq)
+        return seq
+
+    def _validated_token_ids(self, prompt: str | list[int]) -> list[int]:
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not token_ids:
+            raise ValueError("prompt is empty; give at least one token")
+        if len(token_ids) > self.config.max_model_len:
+            raise ValueError(f"prompt has {len(token_ids)} tokens, more than max_model_len="
+                             f"{self.config.max_model_len}; shorten it or raise max_model_len")
+        vocab_size = self.config.hf_config.vocab_size
+        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]!r} is outside the vocabulary [0, {vocab_size}); check the prompt's "
+                             f"token ids against this model's tokenizer")
+        return token_ids
+
+    def step(self) -> tuple[list[Sequence], int, int]:
+        """One scheduler step; returns finished sequences, prefill tokens and decode tokens computed."""
+        batch = self.scheduler.schedule()
+        token_ids = self.model_runner.step(batch)
+        finished = self.scheduler.postprocess(batch, token_ids)
+        num_decode = sum(1 for seq, n in batch if n == 1 and seq.num_computed_tokens > seq.num_prompt_tokens)
+        num_prefill = sum(n for _, n in batch) - num_decode
+        return finished, num_prefill, num_decode
+
+    def is_finished(self) -> bool:
+        return self.scheduler.is_finished()
+
+    def generate(self, prompts: list[str] | list[list[int]], sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[dict]:
+        """Generate for every prompt; returns dicts with text, token_ids, finish_reason, num_cached_tokens."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            raise TypeError("prompts must be a list of strings or of token-id lists; wrap a single prompt in a list")
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if not isinstance(sampling_params, list):
+            sampling_params = [sampling_params] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts; give one, "
+                             f"or one per prompt")
+        token_ids = [self._validated_token_ids(p) for p in prompts]  # all checked before any is queued
+        seqs = [self.add_request(ids, sp) for ids, sp in zip(token_ids, sampling_params)]
+        bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        prefill_tps = decode_tps = 0.0
+        try:
+            while not self.is_finished():
+                start = time.perf_counter()
+                finished, num_prefill, num_decode = self.step()
+                elapsed = time.perf_counter() - start
+                if num_prefill:
+                    prefill_tps = num_prefill / elapsed
+                if num_decode:
+                    decode_tps = num_decode / elapsed
+                bar.set_postfix(prefill=f"{prefill_tps:.0f}tok/s", decode=f"{decode_tps:.0f}tok/s", refresh=False)
+                bar.update(len(finished))
+        finally:
+            bar.close()
+            if not self.is_finished():  # an error mid-way: leave no request or block behind
+                self.scheduler.abort_all()
+        return [{"text": self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True),
+                 "token_ids": seq.completion_token_ids, "finish_reason": seq.finish_reason,
+                 "num_cached_tokens": seq.num_cached_tokens} for seq in seqs]

@@ -1,0 +1,228 @@
+"""One per tensor-parallel rank: builds the model, owns its KV cache, runs steps. Rank 0 samples."""
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nanovllm.attention import AttentionBackend
+from nanovllm.config import Config
+from nanovllm.context import Context, set_context
+from nanovllm.layers.attention import Attention
+from nanovllm.layers.sampler import Sampler
+from nanovllm.loader import load_model
+from nanovllm.platform import detect_platform
+from nanovllm.scheduler import Batch
+
+logger = logging.getLogger(__name__)
+
+_DEFAULT_KV_GIB = {"mps": 1.0, "cpu": 2.0}  # devices that cannot report free memory
+
+
+@dataclass
+class StepInputs:
+    """What every rank needs to run one step, as host arrays (pickled to the other ranks)."""
+
+    input_ids: np.ndarray
+    positions: np.ndarray
+    cu_seqlens_q: np.ndarray
+    cu_seqlens_k: np.ndarray
+    slot_mapping: np.ndarray
+    block_tables: np.ndarray
+    logits_indices: np.ndarray  # last token of each sequence that samples this step
+
+    @property
+    def is_decode(self) -> bool:
+        return len(self.input_ids) == len(self.cu_seqlens_q) - 1
+
+
+class ModelRunner:
+    def __init__(self, config: Config, rank: int, model_cls: type, backend_cls: type[AttentionBackend],
+                 dist_port: int | None = None, conns=()):
+        self.config = config
+        self.rank = rank
+        self.world_size = config.tensor_parallel_size
+        self.block_size = config.kvcache_block_size
+        self.conns = conns  # rank 0: one pipe per other rank; other ranks: the pipe from rank 0
+        platform = detect_platform()
+        self.device = torch.device(platform.device_type, rank if platform.device_type == "cuda" else None)
+        if platform.device_type == "cuda":
+            torch.cuda.set_device(self.device)
+        if self.world_size > 1:
+            dist.init_process_group("nccl" if platform.device_type == "cuda" else "gloo",
+                                    f"tcp://127.0.0.1:{dist_port}", world_size=self.world_size, rank=rank,
+                                    timeout=timedelta(minutes=10))
+        dtype = config.torch_dtype
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            with torch.device(self.device):
+                self.model = model_cls(config.hf_config)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        load_model(self.model, config.model)
+        self.model.eval()
+        self.sampler = Sampler()
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        for layer in self.attention_layers:
+            layer.backend = backend_cls(layer.num_heads, layer.head_dim, layer.num_kv_heads, layer.scale)
+        self.num_kvcache_blocks = self._allocate_kv_cache(dtype, platform.device_type)
+
+    def _allocate_kv_cache(self, dtype: torch.dtype, device_type: str) -> int:
+        config = self.config
+        layer = self.attention_layers[0]
+        block_bytes = (2 * len(self.attention_layers) * self.block_size * layer.num_kv_heads * layer.head_dim
+                       * dtype.itemsize)
+        if config.num_kvcache_blocks is not None:
+            num_blocks = config.num_kvcache_blocks
+        else:
+            budget = config.kv_cache_memory_gib
+            if budget is None:
+                budget = _DEFAULT_KV_GIB.get(device_type)
+            if budget is not None:
+                num_blocks = int(budget * 2**30) // block_bytes
+                if config.kv_cache_memory_gib is None:  # a default budget never exceeds what can be used
+                    num_blocks = min(num_blocks, config.max_num_seqs * -(-config.max_model_len // self.block_size))
+            else:
+                num_blocks = self._num_blocks_from_free_memory(block_bytes)
+        if self.world_size > 1:
+            count = torch.tensor([num_blocks], device=self.device)
+            dist.all_reduce(count, op=dist.ReduceOp.MIN)
+            num_blocks = int(count.item())
+        if num_blocks * self.block_size < config.max_model_len:
+            raise ValueError(f"the KV cache holds {max(num_blocks, 0) * self.block_size} tokens ({max(num_blocks, 0)} "
+                             f"blocks of {self.block_size}), fewer than max_model_len={config.max_model_len}: lower "
+                             f"max_model_len, or give the cache more memory (gpu_memory_utilization, "
+                             f"kv_cache_memory_gib or num_kvcache_blocks)")
+        kv_cache = torch.zeros(len(self.attention_layers), 2, num_blocks, self.block_size, layer.num_kv_heads,
+                               layer.head_dim, dtype=dtype, device=self.device)
+        for i, attention in enumerate(self.attention_layers):
+            attention.kv_cache = kv_cache[i]
+        logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
+                    num_blocks * block_bytes / 2**30)
+        return num_blocks
+
+    def _num_blocks_from_free_memory(self, block_bytes: int) -> int:
+        """CUDA: what gpu_memory_utilization leaves after the weights and a measured warm-up peak."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        self._warmup()
+        free, total = torch.cuda.mem_get_info()
+        stats = torch.cuda.memory_stats()
+        peak_extra = stats["allocated_bytes.all.peak"] - stats["allocated_bytes.all.current"]
+        budget = total * self.config.gpu_memory_utilization - (total - free) - peak_extra
+        return int(budget) // block_bytes
+
+    @torch.inference_mode()
+    def _warmup(self):
+        """One full-size prefill batch without a KV cache, to measure peak activation memory."""
+        config = self.config
+        max_len = min(config.max_model_len, config.max_num_batched_tokens)
+        num_seqs = max(1, min(config.max_num_batched_tokens // max_len, config.max_num_seqs))
+        lens = np.full(num_seqs, max_len)
+        cu = np.zeros(num_seqs + 1, dtype=np.int32)
+        np.cumsum(lens, out=cu[1:])
+        positions = np.tile(np.arange(max_len), num_seqs)
+        inputs = StepInputs(np.zeros(len(positions), dtype=np.int64), positions, cu, cu,
+                            np.full(len(positions), -1, dtype=np.int64), np.zeros((num_seqs, 0), dtype=np.int32),
+                            cu[1:].astype(np.int64) - 1)
+        self.run_model(inputs)
+        torch.cuda.synchronize()
+
+    # ---- steps -------------------------------------------------------------------------------
+
+    def prepare(self, batch: Batch) -> StepInputs:
+        """Flatten the scheduled token runs of a batch into the arrays of one forward pass."""
+        num_seqs = len(batch)
+        starts = np.fromiter((seq.num_computed_tokens for seq, _ in batch), np.int64, num_seqs)
+        counts = np.fromiter((n for _, n in batch), np.int64, num_seqs)
+        ends = starts + counts
+        cu_q = np.zeros(num_seqs + 1, dtype=np.int32)
+        np.cumsum(counts, out=cu_q[1:])
+        cu_k = np.zeros(num_seqs + 1, dtype=np.int32)
+        np.cumsum(ends, out=cu_k[1:])
+        if cu_q[-1] == num_seqs:  # all decodes: one token each
+            input_ids = np.fromiter((seq.token_ids[-1] for seq, _ in batch), np.int64, num_seqs)
+        else:
+            input_ids = np.fromiter((t for seq, n in batch for t in seq.token_ids[seq.num_computed_tokens:
+                                                                                  seq.num_computed_tokens + n]),
+                                    np.int64, int(cu_q[-1]))
+        seq_of_token = np.repeat(np.arange(num_seqs), counts)
+        positions = np.arange(cu_q[-1], dtype=np.int64) - np.repeat(cu_q[:-1] - starts, counts)
+        max_blocks = max(len(seq.block_table) for seq, _ in batch)
+        block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
+        for i, (seq, _) in enumerate(batch):
+            block_tables[i, :len(seq.block_table)] = seq.block_table
+        slot_mapping = (block_tables[seq_of_token, positions // self.block_size].astype(np.int64) * self.block_size
+                        + positions % self.block_size)
+        samples = ends == np.fromiter((len(seq) for seq, _ in batch), np.int64, num_seqs)
+        logits_indices = cu_q[1:][samples].astype(np.int64) - 1
+        return StepInputs(input_ids, positions, cu_q, cu_k, slot_mapping, block_tables, logits_indices)
+
+    @torch.inference_mode()
+    def run_model(self, inputs: StepInputs) -> torch.Tensor | None:
+        """Forward one step on this rank; rank 0 gets the logits of the sampling sequences."""
+        def to_device(array):
+            return torch.from_numpy(array).to(self.device, non_blocking=True)
+        seqlens_q = np.diff(inputs.cu_seqlens_q)
+        seqlens_k = np.diff(inputs.cu_seqlens_k)
+        set_context(Context(
+            cu_seqlens_q=to_device(inputs.cu_seqlens_q), cu_seqlens_k=to_device(inputs.cu_seqlens_k),
+            max_seqlen_q=int(seqlens_q.max()), max_seqlen_k=int(seqlens_k.max()),
+            slot_mapping=to_device(inputs.slot_mapping), context_lens=to_device(seqlens_k.astype(np.int32)),
+            block_tables=to_device(inputs.block_tables), is_decode=inputs.is_decode))
+        try:
+            hidden = self.model(to_device(inputs.input_ids), to_device(inputs.positions))
+            return self.model.compute_logits(hidden[to_device(inputs.logits_indices)])
+        finally:
+            set_context(None)
+
+    def step(self, batch: Batch) -> list[int]:
+        """Rank 0: run a batch on every rank and sample one token per finishing sequence."""
+        inputs = self.prepare(batch)
+        logits = self.call("run_model", inputs)
+        sampling = [seq for seq, n in batch if seq.num_computed_tokens + n == len(seq)]
+        if not sampling:
+            return []
+        params = [seq.sampling_params for seq in sampling]
+        vocab = logits.size(-1)
+        temperatures = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=self.device)
+        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=self.device)
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=self.device)
+        filter_top = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params)
+        generators = [self._generator(seq) for seq in sampling]
+        return self.sampler(logits, temperatures, top_k, top_p, generators, filter_top).tolist()
+
+    def _generator(self, seq) -> torch.Generator | None:
+        params = seq.sampling_params
+        if params.seed is None or params.temperature == 0:
+            return None
+        if seq.generator is None:
+            seq.generator = torch.Generator(self.device).manual_seed(params.seed)
+        return seq.generator
+
+    # ---- ranks -------------------------------------------------------------------------------
+
+    def call(self, method: str, *args):
+        """Rank 0: have every rank run ``method(*args)``; return rank 0's result."""
+        for conn in self.conns:
+            conn.send((method, args))
+        return getattr(self, method)(*args)
+
+    def loop(self):
+        """Other ranks: run what rank 0 sends until it says exit."""
+        while True:
+            method, args = self.conns.recv()
+            getattr(self, method)(*args)
+            if method == "exit":
+                break
+
+    def exit(self):
+        if self.world_size > 1:
+            dist.destroy_process_group()
+
+
+def run_worker(config: Config, rank: int, model_cls: type, backend_cls: type, dist_port: int, conn):
+    ModelRunner(config, rank, model_cls, backend_cls, dist_port, conn).loop()

@@ -1,0 +1,50 @@
+from enum import Enum, auto
+from itertools import count
+
+import torch
+
+from nanovllm.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    """One request: its tokens, where its KV lives, and how far the model has computed it."""
+
+    _ids = count()
+
+    def __init__(self, token_ids: list[int], sampling_params: SamplingParams, block_size: int):
+        self.seq_id = next(Sequence._ids)
+        self.status = SequenceStatus.WAITING
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(token_ids)
+        self.sampling_params = sampling_params
+        self.block_size = block_size
+        self.num_computed_tokens = 0  # tokens whose K and V are in the cache
+        self.num_cached_tokens = 0  # of those, tokens found in the prefix cache when scheduled
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # hash chain of the leading full blocks already in the cache
+        self.finish_reason: str | None = None
+        self.generator: torch.Generator | None = None  # per-request RNG for seeded sampling
+
+    def __len__(self):
+        return len(self.token_ids)
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    def block_tokens(self, i: int) -> list[int]:
+        return self.token_ids[i * self.block_size:(i + 1) * self.block_size]
