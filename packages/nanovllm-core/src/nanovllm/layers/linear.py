@@ -17,6 +17,14 @@ def copy_checked(param_slice: torch.Tensor, loaded: torch.Tensor):
     param_slice.copy_(loaded)
 
 
+def narrow_checked(loaded: torch.Tensor, dim: int, start: int, size: int, full_size: int) -> torch.Tensor:
+    """This rank's slice of a checkpoint tensor whose ``dim`` must hold ``full_size`` entries."""
+    if loaded.size(dim) != full_size:
+        raise ValueError(f"checkpoint shape {tuple(loaded.shape)} does not match the model's size {full_size} "
+                         f"along dimension {dim}")
+    return loaded.narrow(dim, start, size)
+
+
 def _divide(numerator: int, denominator: int) -> int:
     if numerator % denominator:
         raise ValueError(f"{numerator} is not divisible by tensor_parallel_size={denominator}")
@@ -41,7 +49,7 @@ class LinearBase(nn.Module):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor):
         if self.tp_dim is not None and self.tp_dim < loaded.dim():
             shard = param.size(self.tp_dim)
-            loaded = loaded.narrow(self.tp_dim, self.tp_rank * shard, shard)
+            loaded = narrow_checked(loaded, self.tp_dim, self.tp_rank * shard, shard, shard * self.tp_size)
         copy_checked(param.data, loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +79,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int):
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         size = self.output_sizes[shard_id] // self.tp_size
-        loaded = loaded.narrow(0, self.tp_rank * size, size)
+        loaded = narrow_checked(loaded, 0, self.tp_rank * size, size, self.output_sizes[shard_id])
         copy_checked(param.data.narrow(0, offset, size), loaded)
 
 
@@ -81,6 +89,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
         _, tp_size = tp_rank_and_size()
         self.head_dim = head_dim
+        self.total_num_kv_heads = num_kv_heads
         self.num_heads = _divide(num_heads, tp_size)
         self.num_kv_heads = max(1, num_kv_heads // tp_size)
         self.num_kv_head_replicas = max(1, tp_size // num_kv_heads)
@@ -93,11 +102,12 @@ class QKVParallelLinear(ColumnParallelLinear):
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         if shard_id == "q":
-            offset, size, rank = 0, q_size, self.tp_rank
+            offset, size, rank, full = 0, q_size, self.tp_rank, q_size * self.tp_size
         else:
             offset = q_size if shard_id == "k" else q_size + kv_size
             size, rank = kv_size, self.tp_rank // self.num_kv_head_replicas
-        loaded = loaded.narrow(0, rank * size, size)
+            full = self.total_num_kv_heads * self.head_dim
+        loaded = narrow_checked(loaded, 0, rank * size, size, full)
         copy_checked(param.data.narrow(0, offset, size), loaded)
 
 

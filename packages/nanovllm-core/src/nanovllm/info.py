@@ -1,0 +1,57 @@
+"""What ``nanovllm info`` prints: the platform, the plugins, and the attention backend choice."""
+import importlib.metadata
+
+import torch
+
+from nanovllm import plugins
+from nanovllm.attention import select_backend
+from nanovllm.platform import Platform, detect_platform
+
+
+def default_dtype(platform: Platform) -> torch.dtype:
+    if platform.device_type == "cuda":
+        return torch.bfloat16 if platform.capability >= (8, 0) else torch.float16
+    return torch.float32 if platform.device_type == "cpu" else torch.float16
+
+
+def platform_report(platform: Platform | None = None) -> list[str]:
+    platform = platform or detect_platform()
+    lines = [f"Platform: {platform.describe()}", f"torch {torch.__version__}"]
+    if platform.device_type == "cuda":
+        lines.append(f"GPU: {platform.name}, compute capability {platform.capability[0]}.{platform.capability[1]} "
+                     f"({platform.arch_family}), {platform.total_memory / 2**30:.1f} GiB")
+        try:
+            lines.append(f"flash-attn: {importlib.metadata.version('flash-attn')} installed")
+        except importlib.metadata.PackageNotFoundError:
+            lines.append("flash-attn: not installed")
+    return lines
+
+
+def plugin_report() -> list[str]:
+    lines = ["Plugins:"]
+    for name, dist, version in plugins.installed_plugins():
+        lines.append(f"  {name}: {dist} {version}")
+    for name, reason in plugins.load_failures.items():
+        lines.append(f"  {name}: FAILED to load ({reason})")
+    if len(lines) == 1:
+        lines.append("  none installed")
+    return lines
+
+
+def backend_report(platform: Platform | None = None, dtype: torch.dtype | None = None, head_dim: int = 128,
+                   block_size: int = 256) -> list[str]:
+    """Each installed attention backend, whether it fits this platform, and the one that would be chosen."""
+    platform = platform or detect_platform()
+    dtype = dtype or default_dtype(platform)
+    backends = plugins.attention_backends()
+    lines = [f"Attention backends (dtype {str(dtype).removeprefix('torch.')}, head size {head_dim}, "
+             f"block size {block_size}):"]
+    for name, cls in sorted(backends.items(), key=lambda item: -item[1].priority):
+        reason = cls.unsupported_reason(platform, dtype, head_dim, block_size)
+        lines.append(f"  {name} (priority {cls.priority}): {'supported' if reason is None else reason}")
+    try:
+        _, why = select_backend(backends, platform, dtype, head_dim, block_size)
+        lines.append(f"Chosen: {why}")
+    except (RuntimeError, ValueError) as exc:
+        lines.append(f"Chosen: none: {exc}")
+    return lines

@@ -1,0 +1,192 @@
+"""The LLM API end to end on a tiny checkpoint: sampling, accounting, bad input, errors that name the fix."""
+import json
+import os
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from nanovllm import LLM, SamplingParams
+
+OPTIONS = dict(kvcache_block_size=8, max_model_len=128, max_num_seqs=16, max_num_batched_tokens=128)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_checkpoint):
+    engine = LLM(tiny_checkpoint("qwen3"), **OPTIONS)
+    yield engine
+    engine.exit()
+
+
+def assert_all_blocks_released(llm):
+    """Every block is free or held only by the prefix cache: no reference is left."""
+    manager = llm.scheduler.block_manager
+    assert [b.block_id for b in manager.blocks if b.ref_count] == []
+    assert manager.num_free_blocks == len(manager.blocks)
+    assert llm.scheduler.is_finished()
+
+
+def test_strings_and_token_ids_in_prompt_order(llm):
+    prompts = ["Hello, world!", [5, 6, 7], "The quick brown fox", [9] * 20]
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    batch = llm.generate(prompts, greedy, use_tqdm=False)
+    alone = [llm.generate([p], greedy, use_tqdm=False)[0] for p in prompts]
+    assert [o["token_ids"] for o in batch] == [o["token_ids"] for o in alone]
+    for output in batch:
+        assert len(output["token_ids"]) == 6 and output["finish_reason"] == "length"
+        assert output["text"] == llm.tokenizer.decode(output["token_ids"], skip_special_tokens=True)
+    assert_all_blocks_released(llm)
+
+
+def test_seeded_request_reproducible_whatever_the_batch(llm):
+    seeded = SamplingParams(temperature=1.0, max_tokens=12, seed=1234, ignore_eos=True)
+    alone = llm.generate([[1, 2, 3]], seeded, use_tqdm=False)[0]["token_ids"]
+    others = [[7, 8], [40] * 30, [3]]
+    mixed = llm.generate(others + [[1, 2, 3]],
+                         [SamplingParams(temperature=1.0, max_tokens=20, ignore_eos=True)] * 3 + [seeded],
+                         use_tqdm=False)[-1]["token_ids"]
+    assert alone == mixed
+    other_seed = llm.generate([[1, 2, 3]], SamplingParams(temperature=1.0, max_tokens=12, seed=99, ignore_eos=True),
+                              use_tqdm=False)[0]["token_ids"]
+    assert other_seed != alone
+
+
+def test_per_request_params_honoured(llm):
+    prompt = [11, 12, 13, 14]
+    greedy_alone = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+                                use_tqdm=False)[0]["token_ids"]
+    stop_token = greedy_alone[3]
+    params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=3, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop_token]),
+              SamplingParams(temperature=1.5, top_k=1, max_tokens=10, ignore_eos=True)]
+    outputs = llm.generate([prompt] * 4, params, use_tqdm=False)
+    assert outputs[0]["token_ids"] == greedy_alone
+    assert outputs[1]["token_ids"] == greedy_alone[:3] and outputs[1]["finish_reason"] == "length"
+    cut = greedy_alone.index(stop_token) + 1
+    assert outputs[2]["token_ids"] == greedy_alone[:cut] and outputs[2]["finish_reason"] == "stop"
+    assert outputs[3]["token_ids"] == greedy_alone  # top_k=1 samples the argmax whatever the temperature
+
+
+def test_eos_stops_unless_ignored(tiny_checkpoint):
+    path = tiny_checkpoint("qwen3")
+    probe = LLM(path, **OPTIONS)
+    first = probe.generate([[1, 2]], SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)[0]["token_ids"][0]
+    probe.exit()
+    # Make the greedy first token the model's eos: generation stops right there unless ignore_eos.
+    config_path = os.path.join(path, "config.json")
+    tmp = path + "-eos"
+    shutil.copytree(path, tmp)
+    config = json.load(open(config_path))
+    config["eos_token_id"] = first
+    json.dump(config, open(os.path.join(tmp, "config.json"), "w"))
+    llm = LLM(tmp, **OPTIONS)
+    stopped, ignored = llm.generate([[1, 2], [1, 2]], [SamplingParams(temperature=0, max_tokens=5),
+                                                       SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)],
+                                    use_tqdm=False)
+    assert stopped["token_ids"] == [first] and stopped["finish_reason"] == "stop"
+    assert len(ignored["token_ids"]) == 5
+    llm.exit()
+
+
+def test_generation_stops_at_max_model_len(llm):
+    output = llm.generate([[3] * 120], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True),
+                          use_tqdm=False)[0]
+    assert len(output["token_ids"]) == 8 and output["finish_reason"] == "length"
+
+
+def test_prefix_cache_hits_counted(llm):
+    manager = llm.scheduler.block_manager
+    prompt = list(range(100, 140))  # 5 full blocks of 8
+    llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+    hits_before, queries_before = manager.num_hit_blocks, manager.num_queried_blocks
+    output = llm.generate([prompt + [1, 2, 3]], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)[0]
+    assert output["num_cached_tokens"] == 40
+    assert manager.num_hit_blocks - hits_before == 5
+    assert manager.num_queried_blocks - queries_before == 5
+    assert_all_blocks_released(llm)
+
+
+def test_chat_applies_template(llm):
+    messages = [{"role": "user", "content": "Hello"}]
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    chat = llm.chat([messages], greedy, use_tqdm=False)[0]
+    templated = llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert templated.endswith("<|im_start|>assistant\n")
+    assert chat["token_ids"] == llm.generate([templated], greedy, use_tqdm=False)[0]["token_ids"]
+
+
+@pytest.mark.parametrize("prompt, params, message", [
+    ([[]], SamplingParams(), "prompt is empty"),
+    ([[1] * 129], SamplingParams(), "max_model_len=128"),
+    ([[1, 512]], SamplingParams(), "token id 512 is outside the vocabulary"),
+    ([[1, -1]], SamplingParams(), "token id -1"),
+    (["ok", ""], SamplingParams(), "prompt is empty"),
+    ([[1, 2]], [SamplingParams(), SamplingParams()], "2 sampling params for 1 prompts"),
+])
+def test_bad_prompt_is_rejected_and_engine_stays_usable(llm, prompt, params, message):
+    with pytest.raises(ValueError, match=message):
+        llm.generate(prompt, params, use_tqdm=False)
+    assert llm.scheduler.is_finished()  # nothing half-queued
+    output = llm.generate([[1, 2]], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)[0]
+    assert len(output["token_ids"]) == 2
+    assert_all_blocks_released(llm)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=-0.5), "temperature=-0.5"),
+    (dict(max_tokens=0), "max_tokens=0"),
+    (dict(top_p=0.0), "top_p=0.0"),
+    (dict(top_k=0), "top_k=0"),
+])
+def test_bad_sampling_params(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+def test_unknown_option_lists_known_ones(tiny_checkpoint):
+    with pytest.raises(TypeError, match=r"unknown option\(s\) 'max_seq_len'.*known options: .*max_model_len"):
+        LLM(tiny_checkpoint("qwen3"), max_seq_len=10)
+
+
+def test_missing_model_folder():
+    with pytest.raises(FileNotFoundError, match="model folder '/nonexistent/model' does not exist"):
+        LLM("/nonexistent/model")
+
+
+def _copy_with_tensors(path, dest, edit):
+    shutil.copytree(path, dest)
+    tensors = load_file(os.path.join(dest, "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, os.path.join(dest, "model.safetensors"), metadata={"format": "pt"})
+    return str(dest)
+
+
+def test_missing_tensor_names_itself(tiny_checkpoint, tmp_path):
+    path = _copy_with_tensors(tiny_checkpoint("qwen3"), tmp_path / "m",
+                              lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
+    with pytest.raises(ValueError, match=r"lacks tensor\(s\) for: model\.layers\.1\.self_attn\.k_proj\.weight"):
+        LLM(path, **OPTIONS)
+
+
+def test_mismatched_tensor_names_itself(tiny_checkpoint, tmp_path):
+    def shrink(tensors):
+        tensors["model.layers.0.mlp.down_proj.weight"] = tensors["model.layers.0.mlp.down_proj.weight"][:, :7].contiguous()
+    path = _copy_with_tensors(tiny_checkpoint("qwen3"), tmp_path / "m", shrink)
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.down_proj\.weight': checkpoint shape \(64, 7\) does not match"):
+        LLM(path, **OPTIONS)
+
+
+def test_unsupported_architecture_lists_installed(tiny_checkpoint, tmp_path):
+    dest = tmp_path / "m"
+    shutil.copytree(tiny_checkpoint("qwen3"), dest)
+    config = json.load(open(dest / "config.json"))
+    config["architectures"] = ["GPT2LMHeadModel"]
+    json.dump(config, open(dest / "config.json", "w"))
+    with pytest.raises(ValueError, match=r"GPT2LMHeadModel.*not supported.*Qwen3ForCausalLM.*plugin"):
+        LLM(str(dest), **OPTIONS)
+
+
+def test_kv_cache_too_small_for_max_model_len(tiny_checkpoint):
+    with pytest.raises(ValueError, match="fewer than max_model_len=128"):
+        LLM(tiny_checkpoint("qwen3"), kvcache_block_size=8, max_model_len=128, num_kvcache_blocks=4)
