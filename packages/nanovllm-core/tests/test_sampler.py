@@ -59,13 +59,22 @@ def test_top_p_always_keeps_the_top_token():
     assert len(kept(out[1])) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: top-p keeps a token whose preceding mass already equals p exactly "
-                   "(comparison `>` should be `>=` in apply_top_k_top_p); not the smallest nucleus")
 def test_top_p_at_an_exact_boundary_keeps_the_smallest_nucleus():
     # probabilities 0.5, 0.25, 0.125, 0.125 are exact in float32: 0.5 + 0.25 reaches top_p = 0.75 exactly,
     # so the smallest nucleus is {0, 1} (as in Hugging Face's and vLLM's top-p).
+    # Regression: the filter once used `mass before > p` and kept token 2 here too.
     _, out = filt(log_probs([0.5, 0.25, 0.125, 0.125]), top_k=4, top_p=0.75)
     assert kept(out[0]) == {0, 1}
+    _, out = filt([0.0, 0.0, 0.0, 0.0], top_k=4, top_p=0.5)  # uniform: exactly 2 of the 4 reach 0.5
+    assert len(kept(out[0])) == 2
+
+
+def test_top_p_one_keeps_every_token_even_when_the_mass_rounds_to_one():
+    # in float32 the top token's probability is exactly 1.0: the mass before the others "reaches" 1.0
+    row = [0.0, -30.0, -31.0, -32.0]
+    _, out = filt([row, row], top_k=4, top_p=[1.0, 0.9])
+    assert kept(out[0]) == {0, 1, 2, 3}
+    assert kept(out[1]) == {0}
 
 
 def test_top_p_is_computed_after_top_k():
@@ -207,3 +216,21 @@ def test_seeded_rows_reproduce_with_top_k_top_p_filtering():
     first = run(True)
     assert run(False) == first
     assert all(t >= vocab - 50 for t in first)
+
+
+def test_zero_noise_never_selects_a_zero_probability_token(monkeypatch):
+    """Fault injection in torch (not in nanovllm): exponential_ returns an exact -0.0 at token 0, as MPS does."""
+    real_exponential = torch.Tensor.exponential_
+
+    def exponential_with_a_zero(self, *args, **kwargs):
+        out = real_exponential(self, *args, **kwargs)
+        self[..., 0] = -0.0
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "exponential_", exponential_with_a_zero)
+    # row 0: token 0 is outside top_k=2; row 1: token 0's probability underflows to exactly 0
+    logits = torch.tensor([[0.0, 5.0, 4.0, 3.0], [0.0, 200.0, 199.0, 198.0]])
+    gens = [None, torch.Generator().manual_seed(0)]
+    out = sample(logits, 1.0, top_k=torch.tensor([2, 4]), generators=gens, filter_top=True)
+    assert out[0].item() in (1, 2)
+    assert out[1].item() != 0

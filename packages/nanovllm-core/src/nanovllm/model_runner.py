@@ -68,7 +68,11 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for layer in self.attention_layers:
             layer.backend = backend_cls(layer.num_heads, layer.head_dim, layer.num_kv_heads, layer.scale)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode batch size -> captured step
+        self.graph_vars: dict[str, torch.Tensor] | None = None  # the captured steps' input and output buffers
         self.num_kvcache_blocks = self._allocate_kv_cache(dtype, platform.device_type)
+        if platform.device_type == "cuda" and not config.enforce_eager and backend_cls.cuda_graphs:
+            self._capture_cuda_graphs()
 
     def _allocate_kv_cache(self, dtype: torch.dtype, device_type: str) -> int:
         config = self.config
@@ -131,6 +135,49 @@ class ModelRunner:
         self.run_model(inputs)
         torch.cuda.synchronize()
 
+    @torch.inference_mode()
+    def _capture_cuda_graphs(self):
+        """Capture decode steps for a ladder of batch sizes; a step replays the smallest that fits."""
+        config = self.config
+        max_bs = min(config.max_num_seqs, 512)
+        max_blocks = -(-config.max_model_len // self.block_size)
+        self.graph_sizes = sorted({1, 2, 4, 8, *range(16, max_bs + 1, 16), max_bs})
+        g = self.graph_vars = dict(
+            input_ids=torch.zeros(max_bs, dtype=torch.int64, device=self.device),
+            positions=torch.zeros(max_bs, dtype=torch.int64, device=self.device),
+            slot_mapping=torch.full((max_bs,), -1, dtype=torch.int64, device=self.device),
+            context_lens=torch.zeros(max_bs, dtype=torch.int32, device=self.device),
+            block_tables=torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=self.device),
+            cu_seqlens=torch.arange(max_bs + 1, dtype=torch.int32, device=self.device),
+            hidden=torch.zeros(max_bs, config.hf_config.hidden_size, dtype=config.torch_dtype, device=self.device))
+        pool = None
+        for bs in reversed(self.graph_sizes):
+            set_context(Context(g["cu_seqlens"][:bs + 1], g["cu_seqlens"][:bs + 1], 1, config.max_model_len,
+                                g["slot_mapping"][:bs], g["context_lens"][:bs], g["block_tables"][:bs], True))
+            g["hidden"][:bs] = self.model(g["input_ids"][:bs], g["positions"][:bs])  # warm-up outside the graph
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool):
+                g["hidden"][:bs] = self.model(g["input_ids"][:bs], g["positions"][:bs])
+            pool = pool or graph.pool()
+            self.graphs[bs] = graph
+            torch.cuda.synchronize()
+        set_context(None)
+
+    def _replay_decode(self, inputs: "StepInputs") -> torch.Tensor:
+        g = self.graph_vars
+        bs = len(inputs.input_ids)
+        graph_bs = next(size for size in self.graph_sizes if size >= bs)
+        g["input_ids"][:bs].copy_(torch.from_numpy(inputs.input_ids), non_blocking=True)
+        g["positions"][:bs].copy_(torch.from_numpy(inputs.positions), non_blocking=True)
+        g["slot_mapping"].fill_(-1)
+        g["slot_mapping"][:bs].copy_(torch.from_numpy(inputs.slot_mapping), non_blocking=True)
+        g["context_lens"].zero_()
+        g["context_lens"][:bs].copy_(torch.from_numpy(np.diff(inputs.cu_seqlens_k)), non_blocking=True)
+        g["block_tables"][:bs, :inputs.block_tables.shape[1]].copy_(torch.from_numpy(inputs.block_tables),
+                                                                   non_blocking=True)
+        self.graphs[graph_bs].replay()
+        return g["hidden"][:bs]
+
     # ---- steps -------------------------------------------------------------------------------
 
     def prepare(self, batch: Batch) -> StepInputs:
@@ -166,6 +213,8 @@ class ModelRunner:
         """Forward one step on this rank; rank 0 gets the logits of the sampling sequences."""
         def to_device(array):
             return torch.from_numpy(array).to(self.device, non_blocking=True)
+        if self.graphs and inputs.is_decode and len(inputs.input_ids) <= self.graph_sizes[-1]:
+            return self.model.compute_logits(self._replay_decode(inputs)[to_device(inputs.logits_indices)])
         seqlens_q = np.diff(inputs.cu_seqlens_q)
         seqlens_k = np.diff(inputs.cu_seqlens_k)
         set_context(Context(
@@ -220,8 +269,16 @@ class ModelRunner:
                 break
 
     def exit(self):
+        """Release the model, the KV cache and the graphs, so another engine can use the device."""
+        self.graphs.clear()
+        self.graph_vars = None
+        self.attention_layers = []
+        self.model = None
         if self.world_size > 1:
             dist.destroy_process_group()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
 
 
 def run_worker(config: Config, rank: int, model_cls: type, backend_cls: type, dist_port: int, conn):

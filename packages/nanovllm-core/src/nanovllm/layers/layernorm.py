@@ -1,6 +1,21 @@
 import torch
 from torch import nn
 
+from nanovllm.layers.compile import compile_on_cuda
+
+
+@compile_on_cuda
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return (x.float() * torch.rsqrt(variance + eps)).to(x.dtype) * weight
+
+
+@compile_on_cuda
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    x = x + residual  # in the model dtype, as Hugging Face does
+    variance = x.float().pow(2).mean(-1, keepdim=True)
+    return (x.float() * torch.rsqrt(variance + eps)).to(x.dtype) * weight, x
+
 
 class RMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6):
@@ -10,8 +25,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """Normalise ``x``; with ``residual``, normalise ``x + residual`` and also return that sum."""
-        if residual is not None:
-            x = residual = x + residual  # in the model dtype, as Hugging Face does
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        y = (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype) * self.weight
-        return y if residual is None else (y, residual)
+        if residual is None:
+            return rms_norm(x, self.weight, self.eps)
+        return add_rms_norm(x, residual, self.weight, self.eps)

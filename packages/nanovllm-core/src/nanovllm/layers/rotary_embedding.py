@@ -4,6 +4,8 @@ import math
 import torch
 from torch import nn
 
+from nanovllm.layers.compile import compile_on_cuda
+
 
 def rope_parameters(hf_config) -> tuple[float, dict]:
     """(rope_theta, scaling dict) from a config of transformers 4.x (rope_scaling) or 5.x (rope_parameters)."""
@@ -39,8 +41,13 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """Rotate q [tokens, heads, head_dim] and k [tokens, kv_heads, head_dim] by position."""
-        cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+        return apply_rotary(positions, q, k, self.cos_sin_cache)
+
+
+@compile_on_cuda
+def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor):
+    cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,9 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Te
     ranks = torch.arange(logits.size(-1), device=logits.device)
     sorted_logits.masked_fill_(ranks >= top_k.unsqueeze(1), float("-inf"))
     probs = sorted_logits.softmax(dim=-1)
-    # Keep a token while the mass before it is below p: the most likely token always stays.
-    sorted_logits.masked_fill_(probs.cumsum(dim=-1) - probs > top_p.unsqueeze(1), float("-inf"))
+    # Keep a token while the mass before it is below p (the smallest nucleus; the top token always stays).
+    outside_nucleus = (probs.cumsum(dim=-1) - probs >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
+    sorted_logits.masked_fill_(outside_nucleus, float("-inf"))
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
@@ -31,5 +32,6 @@ class Sampler(nn.Module):
         for row, generator in enumerate(generators):
             if generator is not None:  # a seeded request draws from its own stream only
                 noise[row].exponential_(generator=generator)
+        noise.clamp_(min=torch.finfo(noise.dtype).tiny)  # exponential_ may return 0: 0/0 would be NaN
         sampled = (probs / noise).argmax(dim=-1)
         return torch.where(temperatures == 0, greedy, sampled)

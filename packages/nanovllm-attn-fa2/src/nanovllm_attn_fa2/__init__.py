@@ -1,0 +1,59 @@
+"""flash-attn 2 attention backend for nanovllm: NVIDIA Ampere and newer (sm80+), fp16 and bf16."""
+import importlib.metadata
+
+import torch
+
+import nanovllm
+from nanovllm.context import Context
+
+
+def _flash_attn_major() -> int | None:
+    try:
+        return int(importlib.metadata.version("flash-attn").split(".")[0])
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+class FlashAttention2(nanovllm.AttentionBackend):
+    """Varlen prefill and mixed batches with ``flash_attn_varlen_func`` over the paged cache (``block_table``),
+    pure decode with ``flash_attn_with_kvcache``; K and V stored by a Triton kernel."""
+
+    name = "fa2"
+    priority = 100
+    device_types = ("cuda",)
+    min_capability = (8, 0)
+    dtypes = (torch.float16, torch.bfloat16)
+    head_sizes = (32, 64, 96, 128, 160, 192, 224, 256)
+    cuda_graphs = True
+    block_size_multiple = 256  # flash-attn's paged KV needs page sizes divisible by 256
+
+    @classmethod
+    def unsupported_reason(cls, platform, dtype, head_dim, block_size, by_name=False):
+        if _flash_attn_major() != 2:
+            return "needs flash-attn 2.x installed (pip install flash-attn --no-build-isolation)"
+        return super().unsupported_reason(platform, dtype, head_dim, block_size, by_name)
+
+    def __init__(self, num_heads, head_dim, num_kv_heads, scale):
+        super().__init__(num_heads, head_dim, num_kv_heads, scale)
+        from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+        from nanovllm_attn_fa2.store_kv import store_kv
+        self._varlen, self._with_kvcache, self._store_kv = flash_attn_varlen_func, flash_attn_with_kvcache, store_kv
+
+    def forward(self, q, k, v, kv_cache, context: Context):
+        if not kv_cache.numel():  # warm-up: plain prefills of the step's own tokens
+            return self._varlen(q, k, v, context.cu_seqlens_q, context.cu_seqlens_q, context.max_seqlen_q,
+                                context.max_seqlen_q, softmax_scale=self.scale, causal=True)
+        self._store_kv(k, v, kv_cache, context.slot_mapping)
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        if context.is_decode:
+            return self._with_kvcache(q.unsqueeze(1), k_cache, v_cache, cache_seqlens=context.context_lens,
+                                      block_table=context.block_tables, softmax_scale=self.scale,
+                                      causal=True).squeeze(1)
+        return self._varlen(q, k_cache, v_cache, context.cu_seqlens_q, context.cu_seqlens_k, context.max_seqlen_q,
+                            context.max_seqlen_k, softmax_scale=self.scale, causal=True,
+                            block_table=context.block_tables)
+
+
+@nanovllm.hookimpl
+def register_attention_backends(register):
+    register(FlashAttention2)

@@ -1,0 +1,125 @@
+"""fa2 on a GPU: attention against torch SDPA, and greedy tokens against Hugging Face in bf16."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanovllm.context import Context
+
+pytestmark = pytest.mark.gpu
+BLOCK = 256
+# Tiny bf16 checkpoints with a head size the flash-attn build has (64), GQA 2:1.
+GPU_TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                max_position_embeddings=2048, initializer_range=0.1, dtype=torch.bfloat16)
+
+
+def reference(q_all, k_all, v_all, scale):
+    """Causal attention of the last q_all.size(0) positions over all keys, GQA by repetition."""
+    group = q_all.size(1) // k_all.size(1)
+    q = q_all.transpose(0, 1).unsqueeze(0).float()
+    k = k_all.repeat_interleave(group, 1).transpose(0, 1).unsqueeze(0).float()
+    v = v_all.repeat_interleave(group, 1).transpose(0, 1).unsqueeze(0).float()
+    offset = k_all.size(0) - q_all.size(0)
+    mask = torch.arange(k_all.size(0), device=q.device)[None, :] <= (torch.arange(q_all.size(0), device=q.device)[:, None] + offset)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)[0].transpose(0, 1)
+
+
+def run_case(seqs, head_dim, num_heads=8, num_kv_heads=2, dtype=torch.bfloat16):
+    """seqs: (cached tokens, new tokens) per sequence. Returns max error against the reference."""
+    from nanovllm_attn_fa2 import FlashAttention2
+    device, scale = "cuda", head_dim ** -0.5
+    backend = FlashAttention2(num_heads, head_dim, num_kv_heads, scale)
+    max_blocks = max(-(-(c + n) // BLOCK) for c, n in seqs)
+    num_blocks = len(seqs) * max_blocks + 3
+    kv_cache = torch.randn(2, num_blocks, BLOCK, num_kv_heads, head_dim, device=device, dtype=dtype)
+    ids = torch.randperm(num_blocks, device=device)
+    tables = ids[:len(seqs) * max_blocks].view(len(seqs), max_blocks).int()
+    full = [(torch.randn(c + n, num_heads, head_dim, device=device, dtype=dtype),
+             torch.randn(c + n, num_kv_heads, head_dim, device=device, dtype=dtype),
+             torch.randn(c + n, num_kv_heads, head_dim, device=device, dtype=dtype)) for c, n in seqs]
+    slots = []
+    for i, ((c, n), (_, k, v)) in enumerate(zip(seqs, full)):
+        pos = torch.arange(c + n, device=device)
+        slot = tables[i, pos // BLOCK].long() * BLOCK + pos % BLOCK
+        kv_cache[0].view(-1, num_kv_heads, head_dim)[slot[:c]] = k[:c]  # the cached prefix
+        kv_cache[1].view(-1, num_kv_heads, head_dim)[slot[:c]] = v[:c]
+        slots.append(slot[c:])
+    cu_q = torch.tensor([0] + [n for _, n in seqs], device=device).cumsum(0).int()
+    cu_k = torch.tensor([0] + [c + n for c, n in seqs], device=device).cumsum(0).int()
+    context = Context(cu_q, cu_k, max(n for _, n in seqs), max(c + n for c, n in seqs), torch.cat(slots),
+                      cu_k.diff(), tables, all(n == 1 for _, n in seqs))
+    q = torch.cat([q[c:] for (c, _), (q, _, _) in zip(seqs, full)])
+    k = torch.cat([k[c:] for (c, _), (_, k, _) in zip(seqs, full)])
+    v = torch.cat([v[c:] for (c, _), (_, _, v) in zip(seqs, full)])
+    out = backend.forward(q, k, v, kv_cache, context)
+    expected = torch.cat([reference(q_[c:], k_, v_, scale) for (c, _), (q_, k_, v_) in zip(seqs, full)])
+    return (out.float() - expected).abs().max().item()
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("case, seqs", [
+    ("prefill", [(0, 1), (0, 100), (0, 256), (0, 700)]),
+    ("prefix-cached prefill", [(256, 10), (512, 300), (256, 1)]),
+    ("decode", [(0, 1), (37, 1), (511, 1), (1300, 1)]),
+    ("mixed", [(300, 1), (0, 77), (256, 40), (900, 1)]),
+])
+def test_fa2_matches_sdpa(case, seqs, head_dim):
+    assert run_case(seqs, head_dim) < 2e-2
+
+
+def test_engine_checks_block_size_up_front(tiny_checkpoint):
+    from nanovllm import LLM
+    with pytest.raises(ValueError, match="multiple of 256"):
+        LLM(tiny_checkpoint("qwen3", **GPU_TINY), attention_backend="fa2", kvcache_block_size=16)
+
+
+MODES = {
+    "cuda-graphs": dict(),
+    "eager": dict(enforce_eager=True),
+    "chunked-prefill": dict(max_num_batched_tokens=256, max_num_seqs=8),
+    "preemption": dict(num_kvcache_blocks=5, max_model_len=1024),
+    "no-prefix-cache": dict(enable_prefix_caching=False),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("model", ["qwen3", "qwen2", "llama3"])
+def test_greedy_matches_hf_bf16(model, mode, tiny_checkpoint):
+    from conftest import hf_greedy_mismatches
+    from nanovllm import LLM, SamplingParams
+    path = tiny_checkpoint(model, **GPU_TINY)
+    llm = LLM(path, **{"max_model_len": 2048, **MODES[mode]})
+    assert llm.model_runner.attention_layers[0].backend.name == "fa2"
+    rng = random.Random(0)
+    shared = [rng.randrange(512) for _ in range(300)]
+    prompts = [[rng.randrange(512) for _ in range(n)] for n in (1, 100, 256, 300, 700)]
+    prompts += [shared + [rng.randrange(512) for _ in range(n)] for n in (5, 200)]  # a shared full block
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    again = llm.generate(prompts[-2:], params, use_tqdm=False)  # prefix-cache hits on the second pass
+    if llm.config.enable_prefix_caching:
+        assert all(o["num_cached_tokens"] >= 256 for o in again)
+    if mode == "preemption":
+        assert llm.scheduler.num_preemptions > 0
+    llm.exit()
+    problems = hf_greedy_mismatches(path, prompts + prompts[-2:], [o["token_ids"] for o in outputs + again],
+                                    tol=0.1, device="cuda", dtype=torch.bfloat16)
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.multi_gpu
+def test_tensor_parallel_2_same_first_tokens(tiny_checkpoint):
+    from nanovllm import LLM, SamplingParams
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs (nvidia-h200-x2)")
+    path = tiny_checkpoint("qwen3", **GPU_TINY)
+    rng = random.Random(3)
+    prompts = [[rng.randrange(512) for _ in range(n)] for n in (5, 300, 900)]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    tokens = {}
+    for tp in (1, 2):
+        llm = LLM(path, tensor_parallel_size=tp, max_model_len=2048)
+        tokens[tp] = [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
+        llm.exit()
+    assert tokens[1] == tokens[2]

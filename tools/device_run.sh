@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set up a GPU machine from this checkout (no registry there) and run the GPU tests and benchmarks.
+#   tools/device_run.sh [tests|bench|latency|all]...    logs and summary.json go to $OUT (default ./out)
+# Needs, in the ignored folder .gpu/: wheels/fa2/*.whl (flash-attn 2 built for the GPU's image) and,
+# for the side-by-side benchmark, nano-vllm/ (an upstream nano-vllm checkout, never committed).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+python3 -m pip install -q --no-index --no-deps --target /tmp/fa2 .gpu/wheels/fa2/*.whl
+export PYTHONPATH=/tmp/fa2
+python3 -m pip install -q --no-index --no-deps --no-build-isolation -e packages/nanovllm-core \
+    -e packages/nanovllm-models -e packages/nanovllm-attn-mps -e packages/nanovllm-attn-fa2 2>&1 | grep -v WARNING
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -m nanovllm.cli info 2>&1 | tee "$OUT/info.txt"
+status=0
+for step in "${@:-all}"; do
+    if [[ $step == tests || $step == all ]]; then
+        python3 -m pytest -m "gpu or multi_gpu" -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" || status=1
+    fi
+    if [[ $step == bench || $step == all ]]; then
+        upstream=(); [[ -d .gpu/nano-vllm ]] && upstream=(--upstream .gpu/nano-vllm)
+        python3 tools/bench_throughput.py "${upstream[@]}" --json "$OUT/summary.json" 2>&1 | tee "$OUT/bench.log" || status=1
+    fi
+    if [[ $step == latency || $step == all ]]; then
+        python3 tools/bench_latency.py --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency.log" || status=1
+    fi
+    if [[ $step == profile || $step == all ]]; then
+        python3 tools/profile_steps.py 2>&1 | tee "$OUT/profile.log" || status=1
+    fi
+done
+exit $status
