@@ -123,3 +123,9 @@ def test_tensor_parallel_2_same_first_tokens(tiny_checkpoint):
         tokens[tp] = [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
         llm.exit()
     assert tokens[1] == tokens[2]
+
+
+def test_too_little_memory_is_a_clear_error(tiny_checkpoint):
+    from nanovllm import LLM
+    with pytest.raises(ValueError, match="fewer than max_model_len=2048.*gpu_memory_utilization"):
+        LLM(tiny_checkpoint("qwen3", **GPU_TINY), max_model_len=2048, gpu_memory_utilization=0.001)

@@ -1,5 +1,7 @@
 """One per tensor-parallel rank: builds the model, owns its KV cache, runs steps. Rank 0 samples."""
+import glob
 import logging
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -19,6 +21,10 @@ from nanovllm.scheduler import Batch
 logger = logging.getLogger(__name__)
 
 _DEFAULT_KV_GIB = {"mps": 1.0, "cpu": 2.0}  # devices that cannot report free memory
+
+
+def _checkpoint_gib(path: str) -> float:
+    return sum(os.path.getsize(f) for f in glob.glob(os.path.join(path, "*.safetensors"))) / 2**30
 
 
 @dataclass
@@ -60,14 +66,19 @@ class ModelRunner:
         try:
             with torch.device(self.device):
                 self.model = model_cls(config.hf_config)
+            load_model(self.model, config.model)
+        except torch.cuda.OutOfMemoryError:
+            raise RuntimeError(f"the model's weights do not fit on {platform.describe()} (about "
+                               f"{_checkpoint_gib(config.model) / self.world_size:.1f} GiB per rank): use a larger "
+                               f"tensor_parallel_size or a smaller model") from None
         finally:
             torch.set_default_dtype(default_dtype)
-        load_model(self.model, config.model)
         self.model.eval()
         self.sampler = Sampler()
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for layer in self.attention_layers:
             layer.backend = backend_cls(layer.num_heads, layer.head_dim, layer.num_kv_heads, layer.scale)
+        self.pinned: dict[str, torch.Tensor] = {}  # host staging buffers, by StepInputs field
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode batch size -> captured step
         self.graph_vars: dict[str, torch.Tensor] | None = None  # the captured steps' input and output buffers
         self.num_kvcache_blocks = self._allocate_kv_cache(dtype, platform.device_type)
@@ -112,7 +123,11 @@ class ModelRunner:
         """CUDA: what gpu_memory_utilization leaves after the weights and a measured warm-up peak."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        self._warmup()
+        try:
+            self._warmup()
+        except torch.cuda.OutOfMemoryError:
+            raise RuntimeError(f"a step of max_num_batched_tokens={self.config.max_num_batched_tokens} tokens runs "
+                               f"out of GPU memory next to the weights: lower max_num_batched_tokens") from None
         free, total = torch.cuda.mem_get_info()
         stats = torch.cuda.memory_stats()
         peak_extra = stats["allocated_bytes.all.peak"] - stats["allocated_bytes.all.current"]
@@ -167,14 +182,14 @@ class ModelRunner:
         g = self.graph_vars
         bs = len(inputs.input_ids)
         graph_bs = next(size for size in self.graph_sizes if size >= bs)
-        g["input_ids"][:bs].copy_(torch.from_numpy(inputs.input_ids), non_blocking=True)
-        g["positions"][:bs].copy_(torch.from_numpy(inputs.positions), non_blocking=True)
+        g["input_ids"][:bs].copy_(self._staged("input_ids", inputs.input_ids), non_blocking=True)
+        g["positions"][:bs].copy_(self._staged("positions", inputs.positions), non_blocking=True)
         g["slot_mapping"].fill_(-1)
-        g["slot_mapping"][:bs].copy_(torch.from_numpy(inputs.slot_mapping), non_blocking=True)
+        g["slot_mapping"][:bs].copy_(self._staged("slot_mapping", inputs.slot_mapping), non_blocking=True)
         g["context_lens"].zero_()
-        g["context_lens"][:bs].copy_(torch.from_numpy(np.diff(inputs.cu_seqlens_k)), non_blocking=True)
-        g["block_tables"][:bs, :inputs.block_tables.shape[1]].copy_(torch.from_numpy(inputs.block_tables),
-                                                                   non_blocking=True)
+        g["context_lens"][:bs].copy_(self._staged("context_lens", np.diff(inputs.cu_seqlens_k)), non_blocking=True)
+        g["block_tables"][:bs, :inputs.block_tables.shape[1]].copy_(
+            self._staged("block_tables", inputs.block_tables), non_blocking=True)
         self.graphs[graph_bs].replay()
         return g["hidden"][:bs]
 
@@ -211,22 +226,37 @@ class ModelRunner:
     @torch.inference_mode()
     def run_model(self, inputs: StepInputs) -> torch.Tensor | None:
         """Forward one step on this rank; rank 0 gets the logits of the sampling sequences."""
-        def to_device(array):
-            return torch.from_numpy(array).to(self.device, non_blocking=True)
+        def to_device(name):
+            return self._staged(name, getattr(inputs, name)).to(self.device, non_blocking=True)
         if self.graphs and inputs.is_decode and len(inputs.input_ids) <= self.graph_sizes[-1]:
-            return self.model.compute_logits(self._replay_decode(inputs)[to_device(inputs.logits_indices)])
-        seqlens_q = np.diff(inputs.cu_seqlens_q)
+            return self.model.compute_logits(self._replay_decode(inputs)[to_device("logits_indices")])
         seqlens_k = np.diff(inputs.cu_seqlens_k)
+        cu_seqlens_k = to_device("cu_seqlens_k")
         set_context(Context(
-            cu_seqlens_q=to_device(inputs.cu_seqlens_q), cu_seqlens_k=to_device(inputs.cu_seqlens_k),
-            max_seqlen_q=int(seqlens_q.max()), max_seqlen_k=int(seqlens_k.max()),
-            slot_mapping=to_device(inputs.slot_mapping), context_lens=to_device(seqlens_k.astype(np.int32)),
-            block_tables=to_device(inputs.block_tables), is_decode=inputs.is_decode))
+            cu_seqlens_q=to_device("cu_seqlens_q"), cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_q=int(np.diff(inputs.cu_seqlens_q).max()), max_seqlen_k=int(seqlens_k.max()),
+            slot_mapping=to_device("slot_mapping"), context_lens=cu_seqlens_k.diff(),
+            block_tables=to_device("block_tables"), is_decode=inputs.is_decode))
         try:
-            hidden = self.model(to_device(inputs.input_ids), to_device(inputs.positions))
-            return self.model.compute_logits(hidden[to_device(inputs.logits_indices)])
+            hidden = self.model(to_device("input_ids"), to_device("positions"))
+            return self.model.compute_logits(hidden[to_device("logits_indices")])
         finally:
             set_context(None)
+
+    def _staged(self, name: str, array: np.ndarray) -> torch.Tensor:
+        """``array`` as a tensor; on CUDA in a reused pinned buffer, so its copy to the GPU is asynchronous.
+
+        Reuse is safe: each step ends by reading the sampled tokens back, after the step's copies.
+        """
+        if self.device.type != "cuda":
+            return torch.from_numpy(array)
+        buffer = self.pinned.get(name)
+        if buffer is None or buffer.numel() < array.size:
+            buffer = torch.empty(2 * array.size, dtype=torch.from_numpy(array[:0]).dtype, pin_memory=True)
+            self.pinned[name] = buffer
+        staged = buffer[:array.size].view(array.shape)
+        staged.numpy()[...] = array
+        return staged
 
     def step(self, batch: Batch) -> list[int]:
         """Rank 0: run a batch on every rank and sample one token per finishing sequence."""
