@@ -60,9 +60,9 @@ def child(model, workload_file, options, pythonpath=None):
     return json.loads(line[len("RESULT "):])
 
 
-def hbm_bound(model, prompts, max_tokens, gpu_name):
+def hbm_bound(model, prompts, max_tokens, gpu_name, num_gpus=1):
     """Seconds the workload needs at least: KV and weight reads per decode step at peak HBM bandwidth,
-    plus prefill FLOPs at peak bf16 rate."""
+    plus prefill FLOPs at peak bf16 rate, spread evenly over ``num_gpus`` tensor-parallel GPUs."""
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(model)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -76,7 +76,7 @@ def hbm_bound(model, prompts, max_tokens, gpu_name):
     prefill_flops = sum(2 * (params - embed_params) * p + 2 * config.num_hidden_layers * attention_dim * p * p
                         for p in map(len, prompts))
     bandwidth, flops = next((peaks for key, peaks in GPU_PEAKS.items() if key in gpu_name), GPU_PEAKS["H100"])
-    seconds = (kv_reads + weight_reads) / bandwidth + prefill_flops / flops
+    seconds = ((kv_reads + weight_reads) / bandwidth + prefill_flops / flops) / num_gpus
     return dict(bound_seconds=seconds, kv_read_tb=kv_reads / 1e12, weight_read_tb=weight_reads / 1e12,
                 prefill_tflop=prefill_flops / 1e12, hbm_tb_per_s=bandwidth / 1e12)
 
@@ -117,7 +117,7 @@ def main():
             summary["upstream"] = child(model, workload_file, options, pythonpath=os.path.abspath(args.upstream))
             summary["ratio"] = summary["nanovllm"]["throughput"] / summary["upstream"]["throughput"]
         if torch.cuda.is_available():
-            summary["hbm_bound"] = hbm_bound(model, prompts, max_tokens, gpu)
+            summary["hbm_bound"] = hbm_bound(model, prompts, max_tokens, gpu, args.tensor_parallel_size)
             summary["fraction_of_bound"] = summary["hbm_bound"]["bound_seconds"] / summary["nanovllm"]["seconds"]
     for engine in ("nanovllm", "upstream"):
         if engine in summary:
@@ -128,7 +128,7 @@ def main():
     if "hbm_bound" in summary:
         b = summary["hbm_bound"]
         print(f"    bound: {b['bound_seconds']:.2f} s ({b['kv_read_tb']:.1f} TB KV + {b['weight_read_tb']:.1f} TB weights "
-              f"at {b['hbm_tb_per_s']:.2f} TB/s, {b['prefill_tflop']:.0f} TFLOP prefill); nanovllm reaches "
+              f"at {b['hbm_tb_per_s']:.2f} TB/s per GPU, {b['prefill_tflop']:.0f} TFLOP prefill); nanovllm reaches "
               f"{summary['fraction_of_bound']:.0%} of it")
     print(f"SUMMARY {gpu}: " + json.dumps(summary))
     if args.json:
