@@ -190,3 +190,25 @@ def test_unsupported_architecture_lists_installed(tiny_checkpoint, tmp_path):
 def test_kv_cache_too_small_for_max_model_len(tiny_checkpoint):
     with pytest.raises(ValueError, match="fewer than max_model_len=128"):
         LLM(tiny_checkpoint("qwen3"), kvcache_block_size=8, max_model_len=128, num_kvcache_blocks=4)
+
+
+def test_async_scheduling_gives_the_same_tokens(tiny_checkpoint):
+    """Reading sampled tokens one step late changes nothing: stops, lengths and preemption included."""
+    path = tiny_checkpoint("qwen3")
+    prompts = [[5, 6, 7], [40] * 30, [3], list(range(60, 120))]
+    probe = LLM(path, **OPTIONS)
+    stop = probe.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=6), use_tqdm=False)[0]["token_ids"][2]
+    probe.exit()
+    params = [SamplingParams(temperature=0, max_tokens=6, stop_token_ids=[stop]),
+              SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0.8, max_tokens=9, seed=7, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)]
+    results = {}
+    for async_scheduling in (True, False):
+        llm = LLM(path, **{**OPTIONS, "num_kvcache_blocks": 16}, async_scheduling=async_scheduling)
+        results[async_scheduling] = llm.generate(prompts, params, use_tqdm=False)
+        assert llm.scheduler.num_preemptions > 0
+        assert_all_blocks_released(llm)
+        llm.exit()
+    assert results[True] == results[False]
+    assert results[True][0]["finish_reason"] == "stop" and results[True][0]["token_ids"][-1] == stop

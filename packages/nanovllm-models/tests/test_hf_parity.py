@@ -12,6 +12,8 @@ MODES = {
     "no-prefix-cache": dict(enable_prefix_caching=False),
     "preemption": dict(num_kvcache_blocks=12, max_model_len=96),  # 96 slots for 6 requests of up to 69 tokens
     "chunked-prefill": dict(max_num_batched_tokens=16, max_num_seqs=4),
+    "sync-scheduling": dict(async_scheduling=False),
+    "sync-preemption": dict(async_scheduling=False, num_kvcache_blocks=12, max_model_len=96),
     "no-chunked-prefill": dict(enable_chunked_prefill=False, max_num_batched_tokens=128, max_num_seqs=8),
 }
 
@@ -30,7 +32,7 @@ def test_greedy_matches_hf(model, mode, tiny_checkpoint, assert_matches_hf):
     outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
     assert [len(o["token_ids"]) for o in outputs] == [24] * len(prompts)
     assert_matches_hf(path, prompts, outputs)
-    if mode == "preemption":
+    if "preemption" in mode:
         assert llm.scheduler.num_preemptions > 0
     if mode == "chunked-prefill":
         assert llm.config.max_num_batched_tokens < max(PROMPT_LENS)

@@ -26,6 +26,7 @@ class Config:
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    async_scheduling: bool = True  # prepare step N+1 while step N runs (single rank only)
     dtype: str = "auto"
     attention_backend: str | None = None
     plugin_options: dict = field(default_factory=dict)

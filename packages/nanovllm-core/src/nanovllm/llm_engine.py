@@ -68,6 +68,9 @@ class LLMEngine:
                 process.terminate()
             raise
         self.scheduler = Scheduler(config, self.model_runner.num_kvcache_blocks)
+        # Other ranks would need the sampled tokens for the next step's inputs: keep TP synchronous.
+        self.async_scheduling = config.async_scheduling and config.tensor_parallel_size == 1
+        self._in_flight = None  # the launched step whose sampled tokens are not read yet
         self._exited = False
         atexit.register(self.exit)
 
@@ -99,16 +102,30 @@ class LLMEngine:
         return token_ids
 
     def step(self) -> tuple[list[Sequence], int, int]:
-        """One scheduler step; returns finished sequences, prefill tokens and decode tokens computed."""
+        """Schedule and launch one step; returns finished sequences, prefill and decode tokens launched.
+
+        With async scheduling the step's sampled tokens are read back in the next call, so the CPU
+        schedules and prepares step N+1 while the GPU runs step N.
+        """
         batch = self.scheduler.schedule()
-        token_ids = self.model_runner.step(batch)
-        finished = self.scheduler.postprocess(batch, token_ids)
+        in_flight = None
+        if batch:
+            sampled = self.model_runner.step(batch)
+            in_flight = (self.scheduler.advance(batch), sampled)
+        finished = []
+        if self._in_flight is not None:
+            pending, sampled_before = self._in_flight
+            finished = self.scheduler.resolve(pending, sampled_before.tolist())
+        if in_flight is not None and not self.async_scheduling:
+            finished += self.scheduler.resolve(in_flight[0], in_flight[1].tolist())
+            in_flight = None
+        self._in_flight = in_flight
         num_decode = sum(1 for seq, n in batch if n == 1 and seq.num_computed_tokens > seq.num_prompt_tokens)
         num_prefill = sum(n for _, n in batch) - num_decode
         return finished, num_prefill, num_decode
 
     def is_finished(self) -> bool:
-        return self.scheduler.is_finished()
+        return self.scheduler.is_finished() and self._in_flight is None
 
     def generate(self, prompts: list[str] | list[list[int]], sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[dict]:
@@ -140,6 +157,7 @@ class LLMEngine:
         finally:
             bar.close()
             if not self.is_finished():  # an error mid-way: leave no request or block behind
+                self._in_flight = None
                 self.scheduler.abort_all()
         return [{"text": self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True),
                  "token_ids": seq.completion_token_ids, "finish_reason": seq.finish_reason,

@@ -44,6 +44,28 @@ class StepInputs:
         return len(self.input_ids) == len(self.cu_seqlens_q) - 1
 
 
+class SampledTokens:
+    """A step's sampled token ids: on the device for the next step's inputs, and on their way to the host.
+
+    Reading them waits for this step only, not for a next step queued behind it on the GPU.
+    """
+
+    def __init__(self, device_ids: torch.Tensor):
+        self.device_ids = device_ids
+        self.ready = None
+        if device_ids.is_cuda:
+            self.host_ids = torch.empty(device_ids.shape, dtype=device_ids.dtype, pin_memory=True)
+            self.host_ids.copy_(device_ids, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+
+    def tolist(self) -> list[int]:
+        if self.ready is None:
+            return self.device_ids.tolist()
+        self.ready.synchronize()
+        return self.host_ids.tolist()
+
+
 class ModelRunner:
     def __init__(self, config: Config, rank: int, model_cls: type, backend_cls: type[AttentionBackend],
                  dist_port: int | None = None, conns=()):
@@ -78,7 +100,9 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for layer in self.attention_layers:
             layer.backend = backend_cls(layer.num_heads, layer.head_dim, layer.num_kv_heads, layer.scale)
-        self.pinned: dict[str, torch.Tensor] = {}  # host staging buffers, by StepInputs field
+        self.pinned: dict[tuple[str, int], torch.Tensor] = {}  # host staging buffers, by field and step parity
+        self.num_steps = 0
+        self.prev_sampled: torch.Tensor | None = None  # the last step's sampled token ids, on the device
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode batch size -> captured step
         self.graph_vars: dict[str, torch.Tensor] | None = None  # the captured steps' input and output buffers
         self.num_kvcache_blocks = self._allocate_kv_cache(dtype, platform.device_type)
@@ -182,7 +206,7 @@ class ModelRunner:
         g = self.graph_vars
         bs = len(inputs.input_ids)
         graph_bs = next(size for size in self.graph_sizes if size >= bs)
-        g["input_ids"][:bs].copy_(self._staged("input_ids", inputs.input_ids), non_blocking=True)
+        g["input_ids"][:bs].copy_(self._input_ids(inputs))
         g["positions"][:bs].copy_(self._staged("positions", inputs.positions), non_blocking=True)
         g["slot_mapping"].fill_(-1)
         g["slot_mapping"][:bs].copy_(self._staged("slot_mapping", inputs.slot_mapping), non_blocking=True)
@@ -226,8 +250,10 @@ class ModelRunner:
     @torch.inference_mode()
     def run_model(self, inputs: StepInputs) -> torch.Tensor | None:
         """Forward one step on this rank; rank 0 gets the logits of the sampling sequences."""
+        self.num_steps += 1
+
         def to_device(name):
-            return self._staged(name, getattr(inputs, name)).to(self.device, non_blocking=True)
+            return self._to_device(name, getattr(inputs, name))
         if self.graphs and inputs.is_decode and len(inputs.input_ids) <= self.graph_sizes[-1]:
             return self.model.compute_logits(self._replay_decode(inputs)[to_device("logits_indices")])
         seqlens_k = np.diff(inputs.cu_seqlens_k)
@@ -238,7 +264,7 @@ class ModelRunner:
             slot_mapping=to_device("slot_mapping"), context_lens=cu_seqlens_k.diff(),
             block_tables=to_device("block_tables"), is_decode=inputs.is_decode))
         try:
-            hidden = self.model(to_device("input_ids"), to_device("positions"))
+            hidden = self.model(self._input_ids(inputs), to_device("positions"))
             return self.model.compute_logits(hidden[to_device("logits_indices")])
         finally:
             set_context(None)
@@ -246,33 +272,47 @@ class ModelRunner:
     def _staged(self, name: str, array: np.ndarray) -> torch.Tensor:
         """``array`` as a tensor; on CUDA in a reused pinned buffer, so its copy to the GPU is asynchronous.
 
-        Reuse is safe: each step ends by reading the sampled tokens back, after the step's copies.
+        Two buffers per name, alternating by step: a step fills the pair of the step before last,
+        whose copies are done (its sampled tokens have been read back).
         """
         if self.device.type != "cuda":
             return torch.from_numpy(array)
-        buffer = self.pinned.get(name)
+        key = (name, self.num_steps % 2)
+        buffer = self.pinned.get(key)
         if buffer is None or buffer.numel() < array.size:
             buffer = torch.empty(2 * array.size, dtype=torch.from_numpy(array[:0]).dtype, pin_memory=True)
-            self.pinned[name] = buffer
+            self.pinned[key] = buffer
         staged = buffer[:array.size].view(array.shape)
         staged.numpy()[...] = array
         return staged
 
-    def step(self, batch: Batch) -> list[int]:
-        """Rank 0: run a batch on every rank and sample one token per finishing sequence."""
+    def _to_device(self, name: str, array: np.ndarray) -> torch.Tensor:
+        return self._staged(name, array).to(self.device, non_blocking=True)
+
+    def _input_ids(self, inputs: "StepInputs") -> torch.Tensor:
+        """Token ids on the device; a placeholder -(i + 1) is the i-th token sampled by the previous step."""
+        ids = self._to_device("input_ids", inputs.input_ids)
+        if inputs.input_ids.min() < 0:
+            ids = torch.where(ids < 0, self.prev_sampled[(-ids - 1).clamp(min=0)], ids)
+        return ids
+
+    def step(self, batch: Batch) -> SampledTokens:
+        """Rank 0: launch a batch on every rank and sample one token per sequence that completes;
+        returns without waiting for the GPU."""
         inputs = self.prepare(batch)
         logits = self.call("run_model", inputs)
         sampling = [seq for seq, n in batch if seq.num_computed_tokens + n == len(seq)]
         if not sampling:
-            return []
+            return SampledTokens(torch.empty(0, dtype=torch.int64))
         params = [seq.sampling_params for seq in sampling]
         vocab = logits.size(-1)
-        temperatures = torch.tensor([p.temperature for p in params], dtype=torch.float32, device=self.device)
-        top_k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=self.device)
-        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=self.device)
+        temperatures = self._to_device("temperatures", np.array([p.temperature for p in params], dtype=np.float32))
+        top_k = self._to_device("top_k", np.array([p.top_k if p.top_k > 0 else vocab for p in params]))
+        top_p = self._to_device("top_p", np.array([p.top_p for p in params], dtype=np.float32))
         filter_top = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params)
         generators = [self._generator(seq) for seq in sampling]
-        return self.sampler(logits, temperatures, top_k, top_p, generators, filter_top).tolist()
+        self.prev_sampled = self.sampler(logits, temperatures, top_k, top_p, generators, filter_top)
+        return SampledTokens(self.prev_sampled)
 
     def _generator(self, seq) -> torch.Generator | None:
         params = seq.sampling_params

@@ -40,8 +40,8 @@ class Scheduler:
         for seq in decodes + prefills:
             if budget == 0:
                 break
-            if seq.status != SequenceStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if seq.status != SequenceStatus.RUNNING or seq.finish_reason:
+                continue  # preempted earlier in this loop, or its last token is in flight
             num_tokens = min(seq.num_uncomputed_tokens, budget)
             if self._make_room(seq, seq.num_computed_tokens + num_tokens, scheduled):
                 self.block_manager.allocate(seq, seq.num_computed_tokens + num_tokens)
@@ -50,6 +50,8 @@ class Scheduler:
                 budget -= num_tokens
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if seq.token_ids[-1] < 0:
+                break  # preempted with a token still in flight: recompute once it is known
             cached_ids, cached_hashes = self.block_manager.find_cached_blocks(seq)
             num_computed = len(cached_ids) * self.block_manager.block_size
             num_tokens = min(len(seq) - num_computed, budget)
@@ -84,35 +86,56 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def postprocess(self, batch: Batch, sampled_token_ids: list[int]) -> list[Sequence]:
-        """Advance each scheduled sequence; append sampled tokens; return the ones that finished.
+        """Advance the batch and fill in its sampled tokens at once; return the finished sequences.
 
         ``sampled_token_ids`` holds one token for each sequence whose every token is now computed.
         """
-        finished = []
-        sampled = iter(sampled_token_ids)
+        return self.resolve(self.advance(batch), sampled_token_ids)
+
+    def advance(self, batch: Batch) -> list[tuple[Sequence, int]]:
+        """Count a launched step's tokens as computed, before its sampled tokens are known.
+
+        Each sequence that samples gets a placeholder token ``-(i + 1)``: "the i-th token sampled by
+        the step in flight", which the next step can read on the device. A sequence whose token is
+        its last by length is marked so and scheduled no more. Returns (sequence, placeholder index).
+        """
+        pending = []
         for seq, num_tokens in batch:
             seq.num_computed_tokens += num_tokens
-            self.block_manager.cache_full_blocks(seq)
             if seq.num_uncomputed_tokens:
                 continue  # a prefill chunk: nothing to sample yet
-            token_id = next(sampled)
-            seq.token_ids.append(token_id)
-            reason = self._finish_reason(seq, token_id)
-            if reason:
-                seq.finish_reason = reason
-                seq.status = SequenceStatus.FINISHED
-                self.block_manager.free(seq)
-                self.running.remove(seq)
+            seq.token_ids.append(-(len(pending) + 1))
+            pending.append((seq, len(seq) - 1))
+            params = seq.sampling_params
+            if seq.num_completion_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
+                seq.finish_reason = "length"
+        return pending
+
+    def resolve(self, pending: list[tuple[Sequence, int]], sampled_token_ids: list[int]) -> list[Sequence]:
+        """Put sampled tokens in place of their placeholders; finish sequences that stop or reached length."""
+        finished = []
+        for (seq, index), token_id in zip(pending, sampled_token_ids):
+            if seq.status == SequenceStatus.FINISHED:
+                continue
+            seq.token_ids[index] = token_id
+            params = seq.sampling_params
+            if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+                seq.finish_reason = "stop"
+                del seq.token_ids[index + 1:]  # a token the next step computed past the stop
+            if seq.finish_reason and index == len(seq) - 1:
+                self._finish(seq)
                 finished.append(seq)
+            else:
+                self.block_manager.cache_full_blocks(seq)
         return finished
 
-    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
-        params = seq.sampling_params
-        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
-            return "stop"
-        if seq.num_completion_tokens >= params.max_tokens or len(seq) >= self.max_model_len:
-            return "length"
-        return None
+    def _finish(self, seq: Sequence):
+        if seq.status == SequenceStatus.RUNNING:
+            self.block_manager.free(seq)
+            self.running.remove(seq)
+        else:  # preempted while its last token was in flight; its blocks are already free
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
 
     def abort_all(self):
         """Drop every unfinished request and free its blocks (after an error mid-generate)."""
