@@ -140,7 +140,9 @@ class LLMEngine:
             raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts; give one, "
                              f"or one per prompt")
         token_ids = [self._validated_token_ids(p) for p in prompts]  # all checked before any is queued
-        seqs = [self.add_request(ids, sp) for ids, sp in zip(token_ids, sampling_params)]
+        seqs = [Sequence(ids, sp, self.config.kvcache_block_size) for ids, sp in zip(token_ids, sampling_params)]
+        for seq in seqs:
+            self.scheduler.add(seq)
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         prefill_tps = decode_tps = 0.0
         try:

@@ -50,11 +50,11 @@ class SampledTokens:
     Reading them waits for this step only, not for a next step queued behind it on the GPU.
     """
 
-    def __init__(self, device_ids: torch.Tensor):
+    def __init__(self, device_ids: torch.Tensor, host_buffer: torch.Tensor | None = None):
         self.device_ids = device_ids
         self.ready = None
         if device_ids.is_cuda:
-            self.host_ids = torch.empty(device_ids.shape, dtype=device_ids.dtype, pin_memory=True)
+            self.host_ids = host_buffer[:device_ids.numel()]  # pinned
             self.host_ids.copy_(device_ids, non_blocking=True)
             self.ready = torch.cuda.Event()
             self.ready.record()
@@ -108,6 +108,8 @@ class ModelRunner:
         self.num_kvcache_blocks = self._allocate_kv_cache(dtype, platform.device_type)
         if platform.device_type == "cuda" and not config.enforce_eager and backend_cls.cuda_graphs:
             self._capture_cuda_graphs()
+        if platform.device_type == "cuda":
+            self._warmup_sampler()
 
     def _allocate_kv_cache(self, dtype: torch.dtype, device_type: str) -> int:
         config = self.config
@@ -217,6 +219,13 @@ class ModelRunner:
         self.graphs[graph_bs].replay()
         return g["hidden"][:bs]
 
+    def _warmup_sampler(self):
+        """Compile the sampler now for one row and for many (torch.compile specialises size 1)."""
+        vocab = self.config.hf_config.vocab_size
+        for rows in (2, 1):
+            temperatures = torch.ones(rows, device=self.device)
+            self.sampler(torch.zeros(rows, vocab, device=self.device), temperatures, None, None, [None] * rows, False)
+
     # ---- steps -------------------------------------------------------------------------------
 
     def prepare(self, batch: Batch) -> StepInputs:
@@ -312,7 +321,11 @@ class ModelRunner:
         filter_top = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params)
         generators = [self._generator(seq) for seq in sampling]
         self.prev_sampled = self.sampler(logits, temperatures, top_k, top_p, generators, filter_top)
-        return SampledTokens(self.prev_sampled)
+        host_buffer = None
+        if self.device.type == "cuda":  # the step before last read its tokens: its buffer is free
+            host_buffer = self.pinned.setdefault(("sampled", self.num_steps % 2), torch.empty(
+                self.config.max_num_seqs, dtype=torch.int64, pin_memory=True))
+        return SampledTokens(self.prev_sampled, host_buffer)
 
     def _generator(self, seq) -> torch.Generator | None:
         params = seq.sampling_params
