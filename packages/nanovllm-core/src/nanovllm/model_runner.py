@@ -323,8 +323,10 @@ class ModelRunner:
         self.prev_sampled = self.sampler(logits, temperatures, top_k, top_p, generators, filter_top)
         host_buffer = None
         if self.device.type == "cuda":  # the step before last read its tokens: its buffer is free
-            host_buffer = self.pinned.setdefault(("sampled", self.num_steps % 2), torch.empty(
-                self.config.max_num_seqs, dtype=torch.int64, pin_memory=True))
+            key = ("sampled", self.num_steps % 2)
+            if key not in self.pinned:
+                self.pinned[key] = torch.empty(self.config.max_num_seqs, dtype=torch.int64, pin_memory=True)
+            host_buffer = self.pinned[key]
         return SampledTokens(self.prev_sampled, host_buffer)
 
     def _generator(self, seq) -> torch.Generator | None:
