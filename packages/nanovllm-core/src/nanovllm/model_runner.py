@@ -224,7 +224,8 @@ class ModelRunner:
         vocab = self.config.hf_config.vocab_size
         for rows in (2, 1):
             temperatures = torch.ones(rows, device=self.device)
-            self.sampler(torch.zeros(rows, vocab, device=self.device), temperatures, None, None, [None] * rows, False)
+            logits = torch.zeros(rows, vocab, dtype=self.config.torch_dtype, device=self.device)  # as the LM head's
+            self.sampler(logits, temperatures, None, None, [None] * rows, False)
 
     # ---- steps -------------------------------------------------------------------------------
 
