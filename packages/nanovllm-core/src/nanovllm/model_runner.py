@@ -219,8 +219,10 @@ class ModelRunner:
         self.graphs[graph_bs].replay()
         return g["hidden"][:bs]
 
+    @torch.inference_mode()
     def _warmup_sampler(self):
-        """Compile the sampler now for one row and for many (torch.compile specialises size 1)."""
+        """Compile the sampler now, as steps call it, for one row and for many (torch.compile
+        specialises size 1); otherwise the first run pays for the compilation."""
         vocab = self.config.hf_config.vocab_size
         for rows in (2, 1):
             temperatures = torch.ones(rows, device=self.device)
@@ -306,6 +308,7 @@ class ModelRunner:
             ids = torch.where(ids < 0, self.prev_sampled[(-ids - 1).clamp(min=0)], ids)
         return ids
 
+    @torch.inference_mode()
     def step(self, batch: Batch) -> SampledTokens:
         """Rank 0: launch a batch on every rank and sample one token per sequence that completes;
         returns without waiting for the GPU."""
