@@ -36,7 +36,7 @@ class FlashAttention2(nanovllm.AttentionBackend):
     def __init__(self, num_heads, head_dim, num_kv_heads, scale):
         super().__init__(num_heads, head_dim, num_kv_heads, scale)
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
-        from nanovllm_attn_fa2.store_kv import store_kv
+        from nanovllm.kernels.store_kv import store_kv
         self._varlen, self._with_kvcache, self._store_kv = flash_attn_varlen_func, flash_attn_with_kvcache, store_kv
 
     def forward(self, q, k, v, kv_cache, context: Context):

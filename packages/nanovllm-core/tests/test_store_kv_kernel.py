@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-KERNEL_FILE = os.path.join(os.path.dirname(__file__), "..", "src", "nanovllm_attn_fa2", "store_kv.py")
+KERNEL_FILE = os.path.join(os.path.dirname(__file__), "..", "src", "nanovllm", "kernels", "store_kv.py")
 
 
 def load_kernel_module(name: str):
@@ -45,5 +45,5 @@ def test_store_kv_interpreted_on_cpu(num_kv_heads, head_dim, monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("num_kv_heads, head_dim", [(8, 128), (2, 64), (3, 80)])
 def test_store_kv_on_gpu(dtype, num_kv_heads, head_dim):
-    from nanovllm_attn_fa2 import store_kv
+    from nanovllm.kernels import store_kv
     check_store(store_kv, "cuda", dtype, num_kv_heads, head_dim)
