@@ -1,4 +1,9 @@
-"""Shared test fixtures: tiny random checkpoints and the Hugging Face greedy-agreement check."""
+"""Shared test fixtures: tiny random checkpoints, the Hugging Face greedy-agreement check, and
+Triton kernels run by Triton's CPU interpreter."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -69,3 +74,12 @@ def assert_matches_hf():
         problems = hf_greedy_mismatches(path, prompts, [o["token_ids"] for o in outputs], **kwargs)
         assert not problems, "greedy tokens differ from Hugging Face:\n" + "\n".join(problems)
     return check
+
+
+def run_interpreted(path: str, function: str, *args):
+    """Run ``function(*args)`` from the file ``path`` in a fresh Python with TRITON_INTERPRET=1, so Triton
+    kernels run on the CPU (Triton reads the setting when first imported: a switch in-process is unreliable)."""
+    code = f"import runpy; runpy.run_path({path!r})[{function!r}](*{args!r})"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]

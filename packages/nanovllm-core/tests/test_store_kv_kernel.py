@@ -1,19 +1,6 @@
 """The Triton KV-store kernel: under TRITON_INTERPRET=1 on CPU (CI), and compiled on a GPU."""
-import importlib.util
-import os
-
 import pytest
 import torch
-
-KERNEL_FILE = os.path.join(os.path.dirname(__file__), "..", "src", "nanovllm", "kernels", "store_kv.py")
-
-
-def load_kernel_module(name: str):
-    """A fresh copy of the kernel module, decorated under the current TRITON_INTERPRET setting."""
-    spec = importlib.util.spec_from_file_location(name, KERNEL_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def check_store(module, device, dtype, num_kv_heads, head_dim):
@@ -35,10 +22,15 @@ def check_store(module, device, dtype, num_kv_heads, head_dim):
     assert not flat_k[untouched].any() and not flat_v[untouched].any()
 
 
-@pytest.mark.parametrize("num_kv_heads, head_dim", [(2, 8), (3, 16)])  # rows of 16 and 48 (not a power of 2)
-def test_store_kv_interpreted_on_cpu(num_kv_heads, head_dim, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # read when decorating and when launching
-    check_store(load_kernel_module("store_kv_interpreted"), "cpu", torch.float32, num_kv_heads, head_dim)
+def check_interpreted():
+    from nanovllm.kernels import store_kv
+    for num_kv_heads, head_dim in [(2, 8), (3, 16)]:  # rows of 16 and 48 (not a power of 2)
+        check_store(store_kv, "cpu", torch.float32, num_kv_heads, head_dim)
+
+
+def test_store_kv_interpreted_on_cpu():
+    from conftest import run_interpreted
+    run_interpreted(__file__, "check_interpreted")
 
 
 @pytest.mark.gpu

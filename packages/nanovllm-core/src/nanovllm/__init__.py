@@ -15,8 +15,10 @@ if not _logger.handlers:
 
 from nanovllm.attention import AttentionBackend  # noqa: E402
 from nanovllm.config import Config  # noqa: E402
+from nanovllm.info import print_attention_backend_info  # noqa: E402
 from nanovllm.llm import LLM  # noqa: E402
 from nanovllm.llm_engine import LLMEngine  # noqa: E402
 from nanovllm.sampling_params import SamplingParams  # noqa: E402
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "Config", "AttentionBackend", "hookimpl"]
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "Config", "AttentionBackend", "hookimpl",
+           "print_attention_backend_info"]

@@ -36,9 +36,8 @@ def cmd_generate(args):
 
 
 def cmd_info(args):
-    from nanovllm.info import backend_report, platform_report, plugin_report
-    for line in platform_report() + plugin_report() + backend_report():
-        print(line)
+    from nanovllm.info import print_attention_backend_info
+    print_attention_backend_info()
 
 
 def cmd_bench(args):

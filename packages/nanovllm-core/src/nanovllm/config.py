@@ -1,4 +1,5 @@
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -6,8 +7,15 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from nanovllm import plugins
+from nanovllm.platform import detect_platform
 
 _DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+logger = logging.getLogger(__name__)
+
+
+def _checkpoint_dtype(hf_config) -> torch.dtype:
+    dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    return (_DTYPES[dtype] if isinstance(dtype, str) else dtype) or torch.float32
 
 
 @dataclass
@@ -69,14 +77,19 @@ class Config:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_model_len="
                              f"{self.max_model_len} with chunked prefill off: a long prompt could never be "
                              f"scheduled; raise it or enable_chunked_prefill=True")
+        if self.dtype == "auto" and _checkpoint_dtype(self.hf_config) == torch.bfloat16 != self.torch_dtype:
+            logger.warning("%s has no bf16: the bf16 checkpoint runs in float16 (dtype= chooses otherwise)",
+                           detect_platform().describe())
         eos = self.hf_config.eos_token_id
         self.eos_token_ids = frozenset(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The compute dtype: ``dtype``, or the checkpoint's, with bf16 cast to fp16 on GPUs before sm80."""
         if self.dtype != "auto":
             return _DTYPES[self.dtype]
-        dtype = getattr(self.hf_config, "dtype", None) or getattr(self.hf_config, "torch_dtype", None)
-        if isinstance(dtype, str):
-            dtype = _DTYPES[dtype]
-        return dtype or torch.float32
+        dtype = _checkpoint_dtype(self.hf_config)
+        platform = detect_platform()
+        if dtype == torch.bfloat16 and platform.device_type == "cuda" and platform.capability < (8, 0):
+            return torch.float16
+        return dtype

@@ -19,6 +19,7 @@ class Context:
     context_lens: torch.Tensor  # int32 [num_seqs]: tokens in cache after this step
     block_tables: torch.Tensor  # int32 [num_seqs, max_blocks]: cache block ids, padded with 0
     is_decode: bool  # every sequence has exactly one query token
+    is_fresh_prefill: bool = False  # every sequence starts at position 0: its keys are this step's tokens
 
 
 _context: Context | None = None

@@ -1,5 +1,6 @@
 """What ``nanovllm info`` prints: the platform, the plugins, and the attention backend choice."""
 import importlib.metadata
+import importlib.util
 
 import torch
 
@@ -20,10 +21,11 @@ def platform_report(platform: Platform | None = None) -> list[str]:
     if platform.device_type == "cuda":
         lines.append(f"GPU: {platform.name}, compute capability {platform.capability[0]}.{platform.capability[1]} "
                      f"({platform.arch_family}), {platform.total_memory / 2**30:.1f} GiB")
-        try:
-            lines.append(f"flash-attn: {importlib.metadata.version('flash-attn')} installed")
-        except importlib.metadata.PackageNotFoundError:
-            lines.append("flash-attn: not installed")
+        if importlib.util.find_spec("flash_attn") is None:
+            lines.append("flash-attn: not importable")
+        else:
+            version = importlib.metadata.version("flash-attn")
+            lines.append(f"flash-attn: {version} importable (major version {version.split('.')[0]})")
     return lines
 
 
@@ -55,3 +57,10 @@ def backend_report(platform: Platform | None = None, dtype: torch.dtype | None =
     except (RuntimeError, ValueError) as exc:
         lines.append(f"Chosen: none: {exc}")
     return lines
+
+
+def print_attention_backend_info(platform: Platform | None = None):
+    """Print the platform (GPU, compute capability, family, flash-attn), the installed plugins, and
+    which attention backend would be chosen and why: what ``nanovllm info`` shows."""
+    for line in platform_report(platform) + plugin_report() + backend_report(platform):
+        print(line)

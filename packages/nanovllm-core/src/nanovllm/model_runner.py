@@ -274,7 +274,8 @@ class ModelRunner:
             cu_seqlens_q=to_device("cu_seqlens_q"), cu_seqlens_k=cu_seqlens_k,
             max_seqlen_q=int(np.diff(inputs.cu_seqlens_q).max()), max_seqlen_k=int(seqlens_k.max()),
             slot_mapping=to_device("slot_mapping"), context_lens=cu_seqlens_k.diff(),
-            block_tables=to_device("block_tables"), is_decode=inputs.is_decode))
+            block_tables=to_device("block_tables"), is_decode=inputs.is_decode,
+            is_fresh_prefill=bool((inputs.cu_seqlens_q == inputs.cu_seqlens_k).all())))
         try:
             hidden = self.model(self._input_ids(inputs), to_device("positions"))
             return self.model.compute_logits(hidden[to_device("logits_indices")])

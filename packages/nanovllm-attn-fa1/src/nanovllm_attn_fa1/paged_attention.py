@@ -1,0 +1,74 @@
+"""Paged attention in Triton for flash-attn 1, which has no KV-cache API: decode, prefix-cached and
+chunked prefill, and mixed batches. It uses only what Turing (sm75) has: fp16 tensor-core dots,
+fp32 accumulation, no bf16 and no sm80+ instructions."""
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, context_lens_ptr,
+                            block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h, block_table_stride,
+                            scale, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                            BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    m_block = tl.program_id(2)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    if m_block * BLOCK_M < q_len:
+        k_len = tl.load(context_lens_ptr + seq)
+        offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_mask = offs_m < q_len
+        d_mask = offs_d < HEAD_DIM
+        q = tl.load(q_ptr + (q_start + offs_m)[:, None] * q_stride_t + head * q_stride_h + offs_d[None, :],
+                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        q_pos = k_len - q_len + offs_m  # each query's position: it sees keys up to there
+        kv_head = head // GROUP
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        end = tl.minimum(k_len, k_len - q_len + (m_block + 1) * BLOCK_M)
+        for start in range(0, end, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < end
+            block_ids = tl.load(block_tables_ptr + seq * block_table_stride + offs_n // PAGE, mask=n_mask, other=0)
+            slots = block_ids.to(tl.int64) * PAGE + offs_n % PAGE
+            kv_offsets = slots[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + offs_d[None, :]
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+            v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+            qk = tl.dot(q, tl.trans(k)) * scale
+            visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
+            qk = tl.where(visible, qk, float("-inf"))
+            # Key 0 is visible to every row, so after the first tile each row's maximum is finite.
+            m_new = tl.maximum(m_i, tl.max(qk, 1))
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        acc = acc / l_i[:, None]
+        tl.store(out_ptr + (q_start + offs_m)[:, None] * o_stride_t + head * o_stride_h + offs_d[None, :],
+                 acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
+                    block_tables: torch.Tensor, max_seqlen_q: int, scale: float) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its paged cache (new keys already stored).
+
+    q: [tokens, heads, head_dim]; kv_cache: [2, blocks, page, kv_heads, head_dim]. Returns [tokens, heads, head_dim].
+    """
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads, page = kv_cache.shape[3], kv_cache.shape[2]
+    out = torch.empty_like(q)
+    block_m = 16  # the smallest tile tensor-core dots take; a decode uses one row of it
+    grid = (cu_seqlens_q.numel() - 1, num_heads, triton.cdiv(max_seqlen_q, block_m))
+    _paged_attention_kernel[grid](
+        q, kv_cache[0], kv_cache[1], out, cu_seqlens_q, context_lens, block_tables, q.stride(0), q.stride(1),
+        out.stride(0), out.stride(1), block_tables.stride(0), scale, NUM_KV_HEADS=num_kv_heads,
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        PAGE=page, BLOCK_M=block_m, BLOCK_N=32)
+    return out

@@ -1,0 +1,81 @@
+"""The Triton paged-attention kernel of the fa1 backend against torch SDPA: under TRITON_INTERPRET=1
+on CPU (CI) and compiled on a GPU, for prefill, prefix-cached and chunked prefill, decode and mixed batches."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+CASES = {
+    "prefill": [(0, 1), (0, 16), (0, 37)],
+    "prefix-cached prefill": [(16, 5), (24, 20), (8, 1)],
+    "decode": [(0, 1), (9, 1), (40, 1), (63, 1)],
+    "mixed": [(30, 1), (0, 19), (16, 40), (50, 1)],
+}
+
+
+def reference(q, k, v, scale):
+    """Causal SDPA of the last q.size(0) positions over all k.size(0) keys; GQA by repetition."""
+    group = q.size(1) // k.size(1)
+    offset = k.size(0) - q.size(0)
+    mask = torch.arange(k.size(0))[None, :] <= torch.arange(q.size(0))[:, None] + offset
+    out = F.scaled_dot_product_attention(q.transpose(0, 1).float(), k.repeat_interleave(group, 1).transpose(0, 1).float(),
+                                         v.repeat_interleave(group, 1).transpose(0, 1).float(),
+                                         attn_mask=mask.to(q.device), scale=scale)
+    return out.transpose(0, 1)
+
+
+def check(module, seqs, device, dtype, head_dim=16, num_heads=4, num_kv_heads=2, page=8, tol=2e-3):
+    """seqs: (cached tokens, new tokens) per sequence; K/V of all tokens already in a shuffled paged cache."""
+    torch.manual_seed(0)
+    scale = head_dim ** -0.5
+    max_blocks = max(-(-(c + n) // page) for c, n in seqs)
+    num_blocks = len(seqs) * max_blocks + 2
+    kv_cache = torch.randn(2, num_blocks, page, num_kv_heads, head_dim, device=device).to(dtype)
+    tables = torch.randperm(num_blocks)[:len(seqs) * max_blocks].view(len(seqs), max_blocks).int().to(device)
+    queries, expected = [], []
+    for i, (cached, new) in enumerate(seqs):
+        total = cached + new
+        k = torch.randn(total, num_kv_heads, head_dim, device=device).to(dtype)
+        v = torch.randn(total, num_kv_heads, head_dim, device=device).to(dtype)
+        pos = torch.arange(total, device=device)
+        slots = tables[i, pos // page].long() * page + pos % page
+        kv_cache[0].view(-1, num_kv_heads, head_dim)[slots] = k
+        kv_cache[1].view(-1, num_kv_heads, head_dim)[slots] = v
+        q = torch.randn(new, num_heads, head_dim, device=device).to(dtype)
+        queries.append(q)
+        expected.append(reference(q, k, v, scale))
+    cu_q = torch.tensor([0] + [n for _, n in seqs], device=device).cumsum(0).int()
+    context_lens = torch.tensor([c + n for c, n in seqs], device=device, dtype=torch.int32)
+    out = module.paged_attention(torch.cat(queries), kv_cache, cu_q, context_lens, tables, max(n for _, n in seqs), scale)
+    error = (out.float() - torch.cat(expected)).abs().max().item()
+    assert error < tol, f"max error {error}"
+
+
+def check_interpreted():
+    from nanovllm_attn_fa1 import paged_attention
+    for case, seqs in CASES.items():
+        try:
+            check(paged_attention, seqs, "cpu", torch.float32)
+        except AssertionError as exc:
+            raise AssertionError(f"{case}: {exc}") from None
+    real = paged_attention.paged_attention  # and the check fails when the kernel reads the wrong blocks
+
+    def shifted_tables(q, kv_cache, cu_q, context_lens, tables, max_q, scale):
+        return real(q, kv_cache, cu_q, context_lens, tables.roll(1, dims=1), max_q, scale)
+    paged_attention.paged_attention = shifted_tables
+    with pytest.raises(AssertionError, match="max error"):
+        check(paged_attention, CASES["prefix-cached prefill"], "cpu", torch.float32)
+
+
+def test_paged_attention_interpreted_on_cpu():
+    """Every case in one interpreter process (each costs a Python start-up with torch)."""
+    from conftest import run_interpreted
+    run_interpreted(__file__, "check_interpreted")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("case", CASES)
+def test_paged_attention_on_gpu_fp16(case, head_dim):
+    from nanovllm_attn_fa1 import paged_attention
+    check(paged_attention, CASES[case], "cuda", torch.float16, head_dim=head_dim, num_heads=8, page=16, tol=2e-2)
