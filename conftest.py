@@ -83,3 +83,40 @@ def run_interpreted(path: str, function: str, *args):
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+# GPU agreement runs: tiny checkpoints with a head size every flash-attn build has (64), GQA 2:1.
+GPU_TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                max_position_embeddings=2048, initializer_range=0.1)
+GPU_MODES = {
+    "cuda-graphs": dict(),
+    "eager": dict(enforce_eager=True),
+    "chunked-prefill": dict(max_num_batched_tokens=256, max_num_seqs=8),
+    "preemption": dict(num_kvcache_blocks=5, max_model_len=1024),
+    "no-prefix-cache": dict(enable_prefix_caching=False),
+}
+
+
+def check_gpu_greedy_matches_hf(path: str, mode: str, backend: str, dtype: torch.dtype, tol: float = 0.1):
+    """Greedy tokens of ``backend`` in ``mode`` against Hugging Face in ``dtype`` on the GPU, with prompts of
+    1 token to several 256-token blocks and a shared prefix generated twice (prefix-cache hits)."""
+    import random
+
+    from nanovllm import LLM, SamplingParams
+    llm = LLM(path, **{"max_model_len": 2048, "attention_backend": backend, "dtype": str(dtype).removeprefix("torch."),
+                       **GPU_MODES[mode]})
+    rng = random.Random(0)
+    shared = [rng.randrange(512) for _ in range(300)]
+    prompts = [[rng.randrange(512) for _ in range(n)] for n in (1, 100, 256, 300, 700)]
+    prompts += [shared + [rng.randrange(512) for _ in range(n)] for n in (5, 200)]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    again = llm.generate(prompts[-2:], params, use_tqdm=False)
+    if llm.config.enable_prefix_caching:
+        assert all(o["num_cached_tokens"] >= 256 for o in again)
+    if mode == "preemption":
+        assert llm.scheduler.num_preemptions > 0
+    llm.exit()
+    problems = hf_greedy_mismatches(path, prompts + prompts[-2:], [o["token_ids"] for o in outputs + again],
+                                    tol=tol, device="cuda", dtype=dtype)
+    assert not problems, "\n".join(problems)

@@ -89,6 +89,9 @@ def main():
     parser.add_argument("--input-len", type=int, nargs=2, default=(100, 1024))
     parser.add_argument("--output-len", type=int, nargs=2, default=(100, 1024))
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--dtype", help="compute dtype for every engine (default: the checkpoint's)")
+    parser.add_argument("--backend", action="append", default=[], metavar="NAME=PYTHONPATH",
+                        help="also run nanovllm with this attention backend, PYTHONPATH prepended (fa1=/tmp/fa1)")
     parser.add_argument("--json", help="write the summary here")
     parser.add_argument("--run-engine", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
@@ -110,19 +113,25 @@ def main():
         with open(workload_file, "w") as f:
             json.dump({"prompts": prompts, "max_tokens": max_tokens}, f)
         options = dict(max_model_len=4096, tensor_parallel_size=args.tensor_parallel_size)
+        if args.dtype:
+            options["dtype"] = args.dtype
         summary = dict(device=gpu, num_seqs=args.num_seqs, expected_output_tokens=sum(max_tokens),
                        tensor_parallel_size=args.tensor_parallel_size)
         summary["nanovllm"] = child(model, workload_file, options)
+        for backend in args.backend:
+            name, _, path = backend.partition("=")
+            summary[f"nanovllm[{name}]"] = child(model, workload_file, {**options, "attention_backend": name},
+                                                 pythonpath=path or None)
         if args.upstream:
             summary["upstream"] = child(model, workload_file, options, pythonpath=os.path.abspath(args.upstream))
             summary["ratio"] = summary["nanovllm"]["throughput"] / summary["upstream"]["throughput"]
         if torch.cuda.is_available():
             summary["hbm_bound"] = hbm_bound(model, prompts, max_tokens, gpu, args.tensor_parallel_size)
             summary["fraction_of_bound"] = summary["hbm_bound"]["bound_seconds"] / summary["nanovllm"]["seconds"]
-    for engine in ("nanovllm", "upstream"):
+    for engine in ["nanovllm", *(f"nanovllm[{b.partition('=')[0]}]" for b in args.backend), "upstream"]:
         if engine in summary:
             r = summary[engine]
-            print(f"{engine:>9}: {r['output_tokens']} tok in {r['seconds']:.2f} s = {r['throughput']:.0f} tok/s")
+            print(f"{engine:>14}: {r['output_tokens']} tok in {r['seconds']:.2f} s = {r['throughput']:.0f} tok/s")
     if "ratio" in summary:
         print(f"    ratio: {summary['ratio']:.3f}x upstream")
     if "hbm_bound" in summary:

@@ -5,13 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import GPU_MODES, GPU_TINY, check_gpu_greedy_matches_hf
 from nanovllm.context import Context
 
 pytestmark = pytest.mark.gpu
 BLOCK = 256
-# Tiny bf16 checkpoints with a head size the flash-attn build has (64), GQA 2:1.
-GPU_TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                max_position_embeddings=2048, initializer_range=0.1, dtype=torch.bfloat16)
+GPU_TINY = {**GPU_TINY, "dtype": torch.bfloat16}
 
 
 def reference(q_all, k_all, v_all, scale):
@@ -74,38 +73,10 @@ def test_engine_checks_block_size_up_front(tiny_checkpoint):
         LLM(tiny_checkpoint("qwen3", **GPU_TINY), attention_backend="fa2", kvcache_block_size=16)
 
 
-MODES = {
-    "cuda-graphs": dict(),
-    "eager": dict(enforce_eager=True),
-    "chunked-prefill": dict(max_num_batched_tokens=256, max_num_seqs=8),
-    "preemption": dict(num_kvcache_blocks=5, max_model_len=1024),
-    "no-prefix-cache": dict(enable_prefix_caching=False),
-}
-
-
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", GPU_MODES)
 @pytest.mark.parametrize("model", ["qwen3", "qwen2", "llama3"])
 def test_greedy_matches_hf_bf16(model, mode, tiny_checkpoint):
-    from conftest import hf_greedy_mismatches
-    from nanovllm import LLM, SamplingParams
-    path = tiny_checkpoint(model, **GPU_TINY)
-    llm = LLM(path, **{"max_model_len": 2048, **MODES[mode]})
-    assert llm.model_runner.attention_layers[0].backend.name == "fa2"
-    rng = random.Random(0)
-    shared = [rng.randrange(512) for _ in range(300)]
-    prompts = [[rng.randrange(512) for _ in range(n)] for n in (1, 100, 256, 300, 700)]
-    prompts += [shared + [rng.randrange(512) for _ in range(n)] for n in (5, 200)]  # a shared full block
-    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    again = llm.generate(prompts[-2:], params, use_tqdm=False)  # prefix-cache hits on the second pass
-    if llm.config.enable_prefix_caching:
-        assert all(o["num_cached_tokens"] >= 256 for o in again)
-    if mode == "preemption":
-        assert llm.scheduler.num_preemptions > 0
-    llm.exit()
-    problems = hf_greedy_mismatches(path, prompts + prompts[-2:], [o["token_ids"] for o in outputs + again],
-                                    tol=0.1, device="cuda", dtype=torch.bfloat16)
-    assert not problems, "\n".join(problems)
+    check_gpu_greedy_matches_hf(tiny_checkpoint(model, **GPU_TINY), mode, "fa2", torch.bfloat16)
 
 
 @pytest.mark.multi_gpu
