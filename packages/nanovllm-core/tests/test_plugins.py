@@ -278,3 +278,35 @@ def test_unknown_option_lists_known_ones_including_plugin_options(option_plugin,
     known = message.split("known options:")[1]
     assert "my_option" in known and "max_num_seqs" in known and "enable_prefix_caching" in known
     assert "hf_config" not in known and "plugin_options" not in known
+
+
+class ShadowingPlugin:
+    @nanovllm.hookimpl
+    def register_options(self, register):
+        register("max_num_seqs", 4, "a plugin option named like a core one")
+
+
+class SecondOptionPlugin:
+    @nanovllm.hookimpl
+    def register_options(self, register):
+        register("my_option", 8, "the same name from another plugin")
+
+
+@pytest.mark.parametrize("plugin, message", [(ShadowingPlugin(), r"\['max_num_seqs'\] would shadow core options"),
+                                             (SecondOptionPlugin(), "registered by two plugins")])
+def test_clashing_plugin_options_are_refused(option_plugin, tiny_checkpoint, plugin, message):
+    plugins.pm.register(plugin, name="clashing")
+    try:
+        with pytest.raises(ValueError, match=message):
+            Config.from_options(tiny_checkpoint("qwen3"), max_num_seqs=4)
+    finally:
+        plugins.pm.unregister(name="clashing")
+
+
+def test_empty_default_device_types_means_only_by_name():
+    class NamedOnly(TORCH):
+        name = "named-only"
+        default_device_types = ()
+    with pytest.raises(RuntimeError, match="only when asked for by name"):
+        select({"named-only": NamedOnly}, CPU)
+    assert select({"named-only": NamedOnly}, CPU, requested="named-only")[0] is NamedOnly

@@ -48,7 +48,8 @@ class AttentionBackend:
         """Why this backend cannot run the given setting, or None when it can."""
         if platform.device_type not in cls.device_types:
             return f"runs on {'/'.join(cls.device_types)}, not {platform.device_type}"
-        if not by_name and platform.device_type not in (cls.default_device_types or cls.device_types):
+        default = cls.device_types if cls.default_device_types is None else cls.default_device_types
+        if not by_name and platform.device_type not in default:
             return f"is used on {platform.device_type} only when asked for by name"
         if cls.min_capability and platform.capability and platform.capability < cls.min_capability:
             return f"needs compute capability {'.'.join(map(str, cls.min_capability))} or newer"

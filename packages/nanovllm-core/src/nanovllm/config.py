@@ -46,6 +46,9 @@ class Config:
         """Build a Config from ``LLM(...)`` keywords; unknown keywords fail with the known ones."""
         known = {f.name for f in dataclasses.fields(cls)} - {"model", "plugin_options", "hf_config", "eos_token_ids"}
         extra = plugins.plugin_options()
+        if known & set(extra):
+            raise ValueError(f"plugin option(s) {sorted(known & set(extra))} would shadow core options of the same "
+                             f"name; rename them in the plugin")
         unknown = sorted(set(options) - known - set(extra))
         if unknown:
             raise TypeError(f"unknown option(s) {', '.join(map(repr, unknown))} for LLM(); known options: "

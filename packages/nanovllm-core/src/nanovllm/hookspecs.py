@@ -44,5 +44,6 @@ def register_options(register):
 
     Call ``register(name, default, help)``. The engine accepts ``name`` as a keyword argument,
     stores its value in ``config.plugin_options[name]`` (``default`` when not given) and lists it
-    with ``help`` in the error for unknown options.
+    among the known options in the error for unknown ones. A name may not repeat a core option
+    or another plugin's.
     """

@@ -62,7 +62,12 @@ class PluginOption:
 
 
 def plugin_options() -> dict[str, PluginOption]:
-    return {name: PluginOption(name, default, help) for name, default, help in _collect("register_options")}
+    options = {}
+    for name, default, help in _collect("register_options"):
+        if name in options:
+            raise ValueError(f"option {name!r} is registered by two plugins; one of them must rename it")
+        options[name] = PluginOption(name, default, help)
+    return options
 
 
 def installed_plugins() -> list[tuple[str, str, str]]:
