@@ -20,13 +20,13 @@ HOPPER = Platform("cuda", "NVIDIA H100 80GB HBM3", (9, 0), 80 * 2**30)
 
 @pytest.fixture
 def fa1_installed(monkeypatch):
-    monkeypatch.setattr(nanovllm_attn_fa1, "_flash_attn_major", lambda: 1)
+    monkeypatch.setattr(nanovllm_attn_fa1, "flash_attn_version", lambda: "1.0.9")
     return {"fa1": nanovllm_attn_fa1.FlashAttention1, "mps": TorchPagedAttention}
 
 
 @pytest.fixture
 def fa2_installed(monkeypatch):
-    monkeypatch.setattr(nanovllm_attn_fa2, "_flash_attn_major", lambda: 2)
+    monkeypatch.setattr(nanovllm_attn_fa2, "flash_attn_version", lambda: "2.8.3")
     return {"fa2": nanovllm_attn_fa2.FlashAttention2, "mps": TorchPagedAttention}
 
 
@@ -58,7 +58,7 @@ def test_fa1_head_sizes(fa1_installed):
 
 
 def test_fa1_without_flash_attn_1_says_what_to_install(monkeypatch):
-    monkeypatch.setattr(nanovllm_attn_fa1, "_flash_attn_major", lambda: 2)
+    monkeypatch.setattr(nanovllm_attn_fa1, "flash_attn_version", lambda: "2.8.3")
     reason = nanovllm_attn_fa1.FlashAttention1.unsupported_reason(TURING, torch.float16, 128, 256)
     assert "flash-attn 1.x" in reason
 

@@ -1,17 +1,9 @@
 """flash-attn 1 attention backend for nanovllm: NVIDIA Turing (sm75) in fp16, and newer GPUs by name."""
-import importlib.metadata
-
 import torch
 
 import nanovllm
 from nanovllm.context import Context
-
-
-def _flash_attn_major() -> int | None:
-    try:
-        return int(importlib.metadata.version("flash-attn").split(".")[0])
-    except importlib.metadata.PackageNotFoundError:
-        return None
+from nanovllm.platform import flash_attn_version
 
 
 class FlashAttention1(nanovllm.AttentionBackend):
@@ -30,7 +22,7 @@ class FlashAttention1(nanovllm.AttentionBackend):
 
     @classmethod
     def unsupported_reason(cls, platform, dtype, head_dim, block_size, by_name=False):
-        if _flash_attn_major() != 1:
+        if not (flash_attn_version() or "").startswith("1."):
             return "needs flash-attn 1.x installed (pip install 'flash-attn>=1.0.9,<2' --no-build-isolation)"
         if dtype == torch.bfloat16 and platform.capability and platform.capability < (8, 0):
             return "runs bf16 only on sm80 and newer: use dtype='float16' on this GPU"

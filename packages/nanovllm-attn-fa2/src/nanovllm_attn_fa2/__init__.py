@@ -1,17 +1,9 @@
 """flash-attn 2 attention backend for nanovllm: NVIDIA Ampere and newer (sm80+), fp16 and bf16."""
-import importlib.metadata
-
 import torch
 
 import nanovllm
 from nanovllm.context import Context
-
-
-def _flash_attn_major() -> int | None:
-    try:
-        return int(importlib.metadata.version("flash-attn").split(".")[0])
-    except importlib.metadata.PackageNotFoundError:
-        return None
+from nanovllm.platform import flash_attn_version
 
 
 class FlashAttention2(nanovllm.AttentionBackend):
@@ -29,7 +21,7 @@ class FlashAttention2(nanovllm.AttentionBackend):
 
     @classmethod
     def unsupported_reason(cls, platform, dtype, head_dim, block_size, by_name=False):
-        if _flash_attn_major() != 2:
+        if not (flash_attn_version() or "").startswith("2."):
             return "needs flash-attn 2.x installed (pip install flash-attn --no-build-isolation)"
         return super().unsupported_reason(platform, dtype, head_dim, block_size, by_name)
 

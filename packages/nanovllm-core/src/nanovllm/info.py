@@ -1,12 +1,9 @@
 """What ``nanovllm info`` prints: the platform, the plugins, and the attention backend choice."""
-import importlib.metadata
-import importlib.util
-
 import torch
 
 from nanovllm import plugins
 from nanovllm.attention import select_backend
-from nanovllm.platform import Platform, detect_platform
+from nanovllm.platform import Platform, detect_platform, flash_attn_version
 
 
 def default_dtype(platform: Platform) -> torch.dtype:
@@ -21,11 +18,9 @@ def platform_report(platform: Platform | None = None) -> list[str]:
     if platform.device_type == "cuda":
         lines.append(f"GPU: {platform.name}, compute capability {platform.capability[0]}.{platform.capability[1]} "
                      f"({platform.arch_family}), {platform.total_memory / 2**30:.1f} GiB")
-        if importlib.util.find_spec("flash_attn") is None:
-            lines.append("flash-attn: not importable")
-        else:
-            version = importlib.metadata.version("flash-attn")
-            lines.append(f"flash-attn: {version} importable (major version {version.split('.')[0]})")
+        version = flash_attn_version()
+        lines.append(f"flash-attn: {version} installed (major version {version.split('.')[0]})" if version
+                     else "flash-attn: not installed")
     return lines
 
 

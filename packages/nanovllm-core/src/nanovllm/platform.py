@@ -1,4 +1,5 @@
 """Detect the device once: CUDA (name, compute capability, memory), Apple MPS, or CPU."""
+import importlib.metadata
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -40,3 +41,11 @@ def detect_platform() -> Platform:
         return Platform("mps", "Apple MPS")
     import platform as stdlib_platform
     return Platform("cpu", stdlib_platform.processor() or stdlib_platform.machine())
+
+
+def flash_attn_version() -> str | None:
+    """The installed flash-attn's version, or None; 1.x and 2.x both install the module ``flash_attn``."""
+    try:
+        return importlib.metadata.version("flash-attn")
+    except importlib.metadata.PackageNotFoundError:
+        return None
