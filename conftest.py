@@ -18,7 +18,23 @@ TINY_MODELS = {
     "qwen2": ("Qwen2ForCausalLM", {}),
     "llama2": ("LlamaForCausalLM", {}),
     "llama3": ("LlamaForCausalLM", {"rope_scaling": LLAMA3_ROPE}),
+    # MoE: 4 experts, top 2; Qwen2-MoE keeps layer 0 dense and adds its gated shared expert.
+    "mixtral": ("MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                          "shared_expert_intermediate_size": 48, "mlp_only_layers": [0]}),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                          "norm_topk_prob": True}),
 }
+
+
+# Prompts of 1 token to several 8-token blocks; GQA (4 query heads over 2 KV heads) in every tiny model.
+PROMPT_LENS = (1, 7, 8, 9, 30, 45)
+
+
+def make_prompts(seed: int = 0) -> list[list[int]]:
+    import random
+    rng = random.Random(seed)
+    return [[rng.randrange(512) for _ in range(n)] for n in PROMPT_LENS]
 
 
 def pytest_collection_modifyitems(config, items):

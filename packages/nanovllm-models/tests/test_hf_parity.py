@@ -3,10 +3,9 @@ import random
 
 import pytest
 
+from conftest import PROMPT_LENS, make_prompts
 from nanovllm import LLM, SamplingParams
 
-# Prompts of 1 token to several 8-token blocks; GQA (4 query heads over 2 KV heads) in every tiny model.
-PROMPT_LENS = (1, 7, 8, 9, 30, 45)
 MODES = {
     "default": dict(),
     "no-prefix-cache": dict(enable_prefix_caching=False),
@@ -16,11 +15,6 @@ MODES = {
     "sync-preemption": dict(async_scheduling=False, num_kvcache_blocks=12, max_model_len=96),
     "no-chunked-prefill": dict(enable_chunked_prefill=False, max_num_batched_tokens=128, max_num_seqs=8),
 }
-
-
-def make_prompts(seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [[rng.randrange(512) for _ in range(n)] for n in PROMPT_LENS]
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -37,6 +37,7 @@ class Config:
     async_scheduling: bool = True  # prepare step N+1 while step N runs (single rank only)
     dtype: str = "auto"
     attention_backend: str | None = None
+    expert_manager: str | None = None  # how MoE experts are stored: resident, offload, or a plugin's
     plugin_options: dict = field(default_factory=dict)
     hf_config: PretrainedConfig | None = None
     eos_token_ids: frozenset[int] = frozenset()

@@ -47,3 +47,15 @@ def register_options(register):
     among the known options in the error for unknown ones. A name may not repeat a core option
     or another plugin's.
     """
+
+
+@hookspec
+def register_expert_managers(register):
+    """Provide expert managers for mixture-of-experts layers.
+
+    Call ``register(manager_class)`` with a subclass of ``nanovllm.experts.ExpertManager``. A manager
+    owns how one MoE layer's expert weights are stored (on the device, in host memory, factorised...)
+    and computes the selected experts for a step's tokens. The user picks one with
+    ``LLM(..., expert_manager=name)``; otherwise the first whose ``claims(config)`` is true, else
+    ``resident``. Core registers its own managers (``resident``, ``offload``) through this hook.
+    """

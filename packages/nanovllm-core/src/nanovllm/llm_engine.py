@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 from nanovllm import plugins
 from nanovllm.attention import select_backend
 from nanovllm.config import Config
+from nanovllm.experts import select_expert_manager
 from nanovllm.model_runner import ModelRunner, run_worker
 from nanovllm.platform import detect_platform
 from nanovllm.sampling_params import SamplingParams
@@ -48,6 +49,7 @@ class LLMEngine:
         backend_cls, why = select_backend(plugins.attention_backends(), platform, config.torch_dtype, head_dim,
                                           config.kvcache_block_size, config.attention_backend)
         logger.info("attention backend: %s", why)
+        select_expert_manager(config)  # an unknown expert_manager fails here, before any rank starts
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         config.eos_token_ids |= {self.tokenizer.eos_token_id} - {None}
         self.processes = []

@@ -24,7 +24,9 @@ def load_model(model: nn.Module, path: str):
         raise FileNotFoundError(f"no *.safetensors files in {path!r}; nanovllm loads safetensors checkpoints only")
     packed = getattr(model, "packed_modules_mapping", {})
     ignored = getattr(model, "ignored_checkpoint_tensors", set())
-    params = dict(model.named_parameters())
+    # Modules that load their own checkpoint tensors (MoE expert managers), by name prefix.
+    delegates = {name: m for name, m in model.named_modules() if hasattr(m, "load_checkpoint_tensor")}
+    params = {name: p for name, p in model.named_parameters() if _owner(name, delegates) is None}
     expected = {}  # parameter name -> shard ids it must receive
     for name in params:
         shards = {shard for src, (dst, shard) in packed.items() if f".{dst}." in f".{name}"}
@@ -34,6 +36,13 @@ def load_model(model: nn.Module, path: str):
         with safe_open(file, "pt", "cpu") as f:
             for tensor_name in f.keys():
                 if tensor_name in ignored:
+                    continue
+                owner = _owner(tensor_name, delegates)
+                if owner is not None:
+                    try:
+                        delegates[owner].load_checkpoint_tensor(tensor_name[len(owner) + 1:], f.get_tensor(tensor_name))
+                    except ValueError as exc:
+                        raise ValueError(f"checkpoint tensor {tensor_name!r}: {exc}") from None
                     continue
                 param_name, shard = tensor_name, None
                 for src, (dst, shard_id) in packed.items():
@@ -63,5 +72,17 @@ def load_model(model: nn.Module, path: str):
             else:
                 dst = next(dst for dst, s in checkpoint_name if s == shard and f".{dst}." in f".{name}")
                 missing.append(name.replace(dst, checkpoint_name[dst, shard], 1))
+    for prefix, module in delegates.items():
+        missing += [f"{prefix}.{name}" for name in module.missing_checkpoint_tensors()]
     if missing:
         raise ValueError(f"checkpoint {path!r} lacks tensor(s) for: {', '.join(missing)}")
+
+
+def _owner(name: str, delegates: dict) -> str | None:
+    """The prefix of ``name`` that names a self-loading module, if any."""
+    parts = name.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:end])
+        if prefix in delegates:
+            return prefix
+    return None

@@ -12,7 +12,9 @@ import torch.distributed as dist
 from nanovllm.attention import AttentionBackend
 from nanovllm.config import Config
 from nanovllm.context import Context, set_context
+from nanovllm.experts import select_expert_manager
 from nanovllm.layers.attention import Attention
+from nanovllm.layers.moe import SparseMoE
 from nanovllm.layers.sampler import Sampler
 from nanovllm.loader import load_model
 from nanovllm.platform import detect_platform
@@ -88,6 +90,10 @@ class ModelRunner:
         try:
             with torch.device(self.device):
                 self.model = model_cls(config.hf_config)
+                manager_cls = select_expert_manager(config)
+                for moe in (m for m in self.model.modules() if isinstance(m, SparseMoE)):
+                    moe.experts = manager_cls(moe.num_experts, moe.hidden_size, moe.intermediate_size,
+                                              moe.checkpoint_names, config)
             load_model(self.model, config.model)
         except torch.cuda.OutOfMemoryError:
             raise RuntimeError(f"the model's weights do not fit on {platform.describe()} (about "
@@ -106,7 +112,9 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode batch size -> captured step
         self.graph_vars: dict[str, torch.Tensor] | None = None  # the captured steps' input and output buffers
         self.num_kvcache_blocks = self._allocate_kv_cache(dtype, platform.device_type)
-        if platform.device_type == "cuda" and not config.enforce_eager and backend_cls.cuda_graphs:
+        graphs_safe = backend_cls.cuda_graphs and all(
+            m.experts.cuda_graphs for m in self.model.modules() if isinstance(m, SparseMoE))
+        if platform.device_type == "cuda" and not config.enforce_eager and graphs_safe:
             self._capture_cuda_graphs()
         if platform.device_type == "cuda":
             self._warmup_sampler()

@@ -24,6 +24,8 @@ def load_plugins():
     if _loaded:
         return
     _loaded = True
+    from nanovllm import experts  # core's own expert managers, registered like any plugin's
+    pm.register(experts, name="nanovllm.experts")
     allowed = os.environ.get("NANOVLLM_PLUGINS")
     allowed = None if allowed is None else {name.strip() for name in allowed.split(",") if name.strip()}
     for entry_point in importlib.metadata.entry_points(group="nanovllm"):
@@ -48,6 +50,10 @@ def _collect(hook_name: str) -> list[tuple]:
 
 def attention_backends() -> dict[str, type]:
     return {cls.name: cls for (cls,) in _collect("register_attention_backends")}
+
+
+def expert_managers() -> dict[str, type]:
+    return {cls.name: cls for (cls,) in _collect("register_expert_managers")}
 
 
 def model_classes() -> dict[str, type]:

@@ -41,7 +41,9 @@ def make_random_checkpoint(path: str, architecture: str = "Qwen3ForCausalLM", dt
                            seed: int = 0, **config_overrides) -> str:
     """Write config.json, model.safetensors and a tokenizer for ``architecture`` with random weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    model_type = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama"}[architecture]
+    model_type = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama",
+                  "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
+                  "Qwen3MoeForCausalLM": "qwen3_moe"}[architecture]
     tokenizer = make_tokenizer(min(400, config_overrides.get("vocab_size", SMALL["vocab_size"])))
     options = {**SMALL, **config_overrides}
     options.setdefault("eos_token_id", tokenizer.eos_token_id)

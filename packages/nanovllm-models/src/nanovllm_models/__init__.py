@@ -2,10 +2,11 @@
 import nanovllm
 
 from nanovllm_models.dense import LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from nanovllm_models.moe import MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 
 
 @nanovllm.hookimpl
 def register_models(register):
-    register("LlamaForCausalLM", LlamaForCausalLM)
-    register("Qwen2ForCausalLM", Qwen2ForCausalLM)
-    register("Qwen3ForCausalLM", Qwen3ForCausalLM)
+    for model_class in (LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, MixtralForCausalLM,
+                        Qwen2MoeForCausalLM, Qwen3MoeForCausalLM):
+        register(model_class.__name__, model_class)

@@ -1,4 +1,5 @@
-"""Dense decoder-only transformers: Llama 2/3, Qwen2 and Qwen3 differ only in biases and QK norm."""
+"""Decoder-only transformers: Llama 2/3, Qwen2 and Qwen3 differ only in biases and QK norm; MoE models
+(moe.py) only in their feed-forward blocks."""
 import torch
 from torch import nn
 
@@ -40,12 +41,13 @@ class DecoderAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config, bias: bool):
+    def __init__(self, config, bias: bool, intermediate_size: int | None = None):
         super().__init__()
         if config.hidden_act != "silu":
             raise ValueError(f"hidden_act={config.hidden_act!r} is not supported; only silu is")
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2, bias=bias)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias)
+        intermediate_size = intermediate_size or config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [intermediate_size] * 2, bias=bias)
+        self.down_proj = RowParallelLinear(intermediate_size, config.hidden_size, bias=bias)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,11 +55,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, biases: tuple[bool, bool, bool], qk_norm: bool):
+    def __init__(self, config, biases: tuple[bool, bool, bool], qk_norm: bool, feed_forward: tuple[str, nn.Module]):
         super().__init__()
-        qkv_bias, o_bias, mlp_bias = biases
+        qkv_bias, o_bias, _ = biases
         self.self_attn = DecoderAttention(config, qkv_bias, o_bias, qk_norm)
-        self.mlp = MLP(config, mlp_bias)
+        self.feed_forward_name, module = feed_forward  # named as in the checkpoint: mlp, block_sparse_moe...
+        self.add_module(self.feed_forward_name, module)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -68,14 +71,15 @@ class DecoderLayer(nn.Module):
             hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        return getattr(self, self.feed_forward_name)(hidden), residual
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, config, biases, qk_norm):
+    def __init__(self, config, biases, qk_norm, make_feed_forward):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, biases, qk_norm) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, biases, qk_norm, make_feed_forward(config, i))
+                                    for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, input_ids, positions):
@@ -98,12 +102,16 @@ class DenseForCausalLM(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.model = DecoderModel(config, self.biases(config), self.qk_norm)
+        self.model = DecoderModel(config, self.biases(config), self.qk_norm, self.make_feed_forward)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
         self.ignored_checkpoint_tensors = set()
         if getattr(config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
             self.ignored_checkpoint_tensors.add("lm_head.weight")
+
+    def make_feed_forward(self, config, layer_index: int) -> tuple[str, nn.Module]:
+        """The feed-forward block of a layer, with its name in the checkpoint."""
+        return "mlp", MLP(config, self.biases(config)[2])
 
     @staticmethod
     def biases(config) -> tuple[bool, bool, bool]:

@@ -1,0 +1,41 @@
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from nanovllm.layers.linear import ReplicatedLinear, tp_rank_and_size
+
+
+class SparseMoE(nn.Module):
+    """A mixture-of-experts MLP: the router picks ``top_k`` experts per token, an expert manager computes them.
+
+    The model names the checkpoint's projections (``checkpoint_names``, e.g. {"w1": "gate", "w3": "up",
+    "w2": "down"}); the engine sets ``experts`` to the chosen manager before loading weights.
+    """
+
+    def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
+                 normalize_topk: bool, checkpoint_names: dict[str, str]):
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.normalize_topk = normalize_topk
+        self.checkpoint_names = checkpoint_names
+        self.tp_size = tp_rank_and_size()[1]
+        self.gate = ReplicatedLinear(hidden_size, num_experts)
+        self.experts = None  # an ExpertManager, set by the model runner
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k experts per token and their weights: softmax over all experts, then optionally renormalised."""
+        probs = self.gate(x).float().softmax(dim=-1)
+        weights, ids = probs.topk(self.top_k, dim=-1)
+        if self.normalize_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.route(x)
+        out = self.experts(x, weights, ids)
+        if self.tp_size > 1:
+            dist.all_reduce(out)
+        return out

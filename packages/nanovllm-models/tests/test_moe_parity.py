@@ -1,0 +1,42 @@
+"""MoE models: greedy tokens equal Hugging Face transformers' on tiny random checkpoints."""
+import pytest
+
+from conftest import make_prompts
+from nanovllm import LLM, SamplingParams
+
+MOE_MODELS = ["mixtral", "qwen2_moe", "qwen3_moe"]
+MODES = {
+    "resident": dict(),
+    "chunked-prefill": dict(max_num_batched_tokens=16, max_num_seqs=4),
+    "tensor-parallel-2": dict(tensor_parallel_size=2),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("model", MOE_MODELS)
+def test_moe_greedy_matches_hf(model, mode, tiny_checkpoint, assert_matches_hf):
+    path = tiny_checkpoint(model)
+    llm = LLM(path, **{"kvcache_block_size": 8, "max_model_len": 128, **MODES[mode]})
+    prompts = make_prompts()
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+    llm.exit()
+    assert_matches_hf(path, prompts, outputs)
+
+
+def test_missing_expert_tensor_names_itself(tiny_checkpoint, tmp_path):
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    dest = tmp_path / "m"
+    shutil.copytree(tiny_checkpoint("mixtral"), dest)
+    tensors = load_file(os.path.join(dest, "model.safetensors"))
+    tensors.pop("model.layers.1.block_sparse_moe.experts.2.w3.weight")
+    save_file(tensors, os.path.join(dest, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.block_sparse_moe\.experts\.2\.w3\.weight"):
+        LLM(str(dest), kvcache_block_size=8, max_model_len=128)
+
+
+def test_unknown_expert_manager_lists_installed(tiny_checkpoint):
+    with pytest.raises(ValueError, match=r"expert_manager='lowrank' is not installed; installed: .*resident"):
+        LLM(tiny_checkpoint("mixtral"), expert_manager="lowrank", kvcache_block_size=8, max_model_len=128)
