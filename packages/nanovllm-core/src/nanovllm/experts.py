@@ -1,5 +1,7 @@
 """Expert managers: how a MoE layer's expert weights are stored and computed. Core's built-ins are
 registered through the same hook as plugins' (``register_expert_managers``)."""
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
@@ -32,6 +34,7 @@ class ExpertManager(nn.Module):
         self.full_intermediate_size = intermediate_size
         self.intermediate_size = intermediate_size // self.tp_size
         self.checkpoint_names = checkpoint_names  # the checkpoint's projection names -> gate/up/down
+        self.config = config
         self.loaded: set[tuple[int, str]] = set()
 
     @classmethod
@@ -69,6 +72,9 @@ class ExpertManager(nn.Module):
     def load_expert(self, expert: int, projection: str, tensor: torch.Tensor):
         raise NotImplementedError
 
+    def prefetch(self, topk_ids: torch.Tensor):
+        """A hint, from the previous layer, of the experts this layer will probably need next."""
+
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """x: [tokens, hidden]; topk_weights, topk_ids: [tokens, top_k]. Returns this rank's share of the
         weighted sum of each token's experts, [tokens, hidden]."""
@@ -96,32 +102,137 @@ class ResidentExperts(ExpertManager):
         return grouped_experts(x, topk_weights, topk_ids, lambda e: (self.w13[e], self.w2[e]))
 
 
-def grouped_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_weights) -> torch.Tensor:
-    """Sort the (token, expert) pairs by expert and run each expert once over its tokens.
+def grouped_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_weights,
+                    out: torch.Tensor | None = None, only: set[int] | None = None) -> torch.Tensor:
+    """Sort the (token, expert) pairs by expert and run each expert once over its tokens, adding into ``out``.
 
-    ``expert_weights(e)`` gives expert e's (w13 [2I, H], w2 [H, I]).
+    ``expert_weights(e)`` gives expert e's (w13 [2I, H], w2 [H, I]); ``only`` limits which experts run.
     """
     top_k = topk_ids.size(1)
     flat_ids = topk_ids.flatten()
     order = flat_ids.argsort(stable=True)
     counts = torch.bincount(flat_ids, minlength=1).tolist()
     weights = topk_weights.flatten()[order].to(x.dtype).unsqueeze(1)
-    out = torch.zeros_like(x)
+    out = torch.zeros_like(x) if out is None else out
     start = 0
     for expert, count in enumerate(counts):
-        if count:
+        if count and (only is None or expert in only):
             pairs = slice(start, start + count)
             tokens = order[pairs] // top_k
             w13, w2 = expert_weights(expert)
             y = silu_and_mul(x[tokens] @ w13.t()) @ w2.t()
             out.index_add_(0, tokens, y * weights[pairs])
-            start += count
+        start += count
     return out
+
+
+class OffloadedExperts(ExpertManager):
+    """Experts in (pinned) host memory; a per-layer device cache of a few experts, least recently used
+    out first. Copies run on a side stream; ``prefetch`` starts the next layer's likely experts early.
+
+    Options: ``offload_experts_per_layer`` (cache slots per layer) or ``offload_cache_gib`` (a device
+    budget shared by all layers); by default twice the experts a token uses.
+    """
+
+    name = "offload"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        device = torch.get_default_device()
+        on_cuda = device.type == "cuda"
+        shape13 = (self.num_experts, 2 * self.intermediate_size, self.hidden_size)
+        shape2 = (self.num_experts, self.hidden_size, self.intermediate_size)
+        self.w13_host = torch.empty(shape13, device="cpu", pin_memory=on_cuda)
+        self.w2_host = torch.empty(shape2, device="cpu", pin_memory=on_cuda)
+        self.num_slots = self._num_slots(self.config)
+        self.w13_slots = torch.empty((self.num_slots, *shape13[1:]), device=device)
+        self.w2_slots = torch.empty((self.num_slots, *shape2[1:]), device=device)
+        self.slot_of: OrderedDict[int, int] = OrderedDict()  # expert -> slot, least recently used first
+        self.copied: dict[int, torch.cuda.Event] = {}  # expert -> its copy's completion, on CUDA
+        self.copy_stream = torch.cuda.Stream(device) if on_cuda else None
+        self.hits = self.misses = self.evictions = self.prefetches = 0
+
+    def _num_slots(self, config) -> int:
+        options = config.plugin_options
+        slots = options.get("offload_experts_per_layer")
+        if slots is None and options.get("offload_cache_gib") is not None:
+            expert_bytes = 3 * self.intermediate_size * self.hidden_size * torch.get_default_dtype().itemsize
+            slots = int(options["offload_cache_gib"] * 2**30) // (expert_bytes * config.hf_config.num_hidden_layers)
+        if slots is None:
+            slots = 2 * config.hf_config.num_experts_per_tok
+        if slots < 1:
+            raise ValueError(f"the expert cache holds {slots} experts per layer; give offload_experts_per_layer >= 1 "
+                             f"or a larger offload_cache_gib")
+        return min(slots, self.num_experts)
+
+    def load_expert(self, expert, projection, tensor):
+        size = self.intermediate_size
+        target = {"gate": self.w13_host[expert, :size], "up": self.w13_host[expert, size:],
+                  "down": self.w2_host[expert]}[projection]
+        target.copy_(tensor)
+
+    def _make_resident(self, expert: int, keep: set[int]):
+        """Copy ``expert`` into a slot unless it is there, evicting the least recently used outside ``keep``."""
+        if expert in self.slot_of:
+            self.slot_of.move_to_end(expert)
+            return
+        if len(self.slot_of) < self.num_slots:
+            slot = len(self.slot_of)
+        else:
+            victim = next(e for e in self.slot_of if e not in keep)
+            slot = self.slot_of.pop(victim)
+            self.copied.pop(victim, None)
+            self.evictions += 1
+        self.slot_of[expert] = slot
+        if self.copy_stream is None:
+            self.w13_slots[slot].copy_(self.w13_host[expert])
+            self.w2_slots[slot].copy_(self.w2_host[expert])
+            return
+        self.copy_stream.wait_stream(torch.cuda.current_stream())  # the slot's last reader is done
+        with torch.cuda.stream(self.copy_stream):
+            self.w13_slots[slot].copy_(self.w13_host[expert], non_blocking=True)
+            self.w2_slots[slot].copy_(self.w2_host[expert], non_blocking=True)
+            self.copied[expert] = torch.cuda.Event()
+            self.copied[expert].record()
+
+    def prefetch(self, topk_ids: torch.Tensor):
+        """Start copying the experts ``topk_ids`` name (a guess for this layer's next call)."""
+        for expert in topk_ids.unique().tolist():
+            if expert not in self.slot_of:
+                self.prefetches += 1
+                self._make_resident(expert, keep=set())
+
+    def forward(self, x, topk_weights, topk_ids):
+        needed = topk_ids.unique().tolist()
+        out = torch.zeros_like(x)
+        for start in range(0, len(needed), self.num_slots):  # in rounds when a step needs more than fit
+            group = set(needed[start:start + self.num_slots])
+            for expert in group:
+                if expert in self.slot_of:
+                    self.hits += 1
+                else:
+                    self.misses += 1
+                self._make_resident(expert, keep=group)
+                if expert in self.copied:
+                    torch.cuda.current_stream().wait_event(self.copied[expert])
+            grouped_experts(x, topk_weights, topk_ids, self._slot_weights, out, only=group)
+        return out
+
+    def _slot_weights(self, expert: int):
+        slot = self.slot_of[expert]
+        return self.w13_slots[slot], self.w2_slots[slot]
 
 
 @nanovllm.hookimpl
 def register_expert_managers(register):
     register(ResidentExperts)
+    register(OffloadedExperts)
+
+
+@nanovllm.hookimpl
+def register_options(register):
+    register("offload_experts_per_layer", None, "expert_manager='offload': device cache slots per MoE layer")
+    register("offload_cache_gib", None, "expert_manager='offload': device memory for all layers' cached experts")
 
 
 def select_expert_manager(config) -> type[ExpertManager]:

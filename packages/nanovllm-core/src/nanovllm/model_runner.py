@@ -12,7 +12,7 @@ import torch.distributed as dist
 from nanovllm.attention import AttentionBackend
 from nanovllm.config import Config
 from nanovllm.context import Context, set_context
-from nanovllm.experts import select_expert_manager
+from nanovllm.experts import ExpertManager, select_expert_manager
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.moe import SparseMoE
 from nanovllm.layers.sampler import Sampler
@@ -91,9 +91,13 @@ class ModelRunner:
             with torch.device(self.device):
                 self.model = model_cls(config.hf_config)
                 manager_cls = select_expert_manager(config)
-                for moe in (m for m in self.model.modules() if isinstance(m, SparseMoE)):
+                moe_layers = [m for m in self.model.modules() if isinstance(m, SparseMoE)]
+                for moe in moe_layers:
                     moe.experts = manager_cls(moe.num_experts, moe.hidden_size, moe.intermediate_size,
                                               moe.checkpoint_names, config)
+                if manager_cls.prefetch is not ExpertManager.prefetch:
+                    for moe, next_moe in zip(moe_layers, moe_layers[1:]):
+                        moe.prefetch_next = lambda x, n=next_moe: n.experts.prefetch(n.route(x)[1])
             load_model(self.model, config.model)
         except torch.cuda.OutOfMemoryError:
             raise RuntimeError(f"the model's weights do not fit on {platform.describe()} (about "

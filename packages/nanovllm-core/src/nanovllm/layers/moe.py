@@ -24,6 +24,7 @@ class SparseMoE(nn.Module):
         self.tp_size = tp_rank_and_size()[1]
         self.gate = ReplicatedLinear(hidden_size, num_experts)
         self.experts = None  # an ExpertManager, set by the model runner
+        self.prefetch_next = None  # set by the model runner when the manager prefetches: hints the next layer
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k experts per token and their weights: softmax over all experts, then optionally renormalised."""
@@ -35,6 +36,8 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
+        if self.prefetch_next is not None:
+            self.prefetch_next(x)  # copies for the next layer overlap this layer's experts
         out = self.experts(x, weights, ids)
         if self.tp_size > 1:
             dist.all_reduce(out)
