@@ -82,9 +82,11 @@ class ExpertManager(nn.Module):
 
 
 class ResidentExperts(ExpertManager):
-    """All experts on the device: gate and up stacked as w13 [E, 2I, H], down as w2 [E, H, I]."""
+    """All experts on the device: gate and up stacked as w13 [E, 2I, H], down as w2 [E, H, I]. On CUDA
+    a grouped Triton kernel computes every expert at once; elsewhere, one matmul pair per expert."""
 
     name = "resident"
+    cuda_graphs = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -99,6 +101,9 @@ class ResidentExperts(ExpertManager):
         target.copy_(tensor)
 
     def forward(self, x, topk_weights, topk_ids):
+        if x.is_cuda:
+            from nanovllm.kernels.grouped_moe import grouped_moe
+            return grouped_moe(x, self.w13, self.w2, topk_weights, topk_ids)
         return grouped_experts(x, topk_weights, topk_ids, lambda e: (self.w13[e], self.w2[e]))
 
 

@@ -1,0 +1,80 @@
+"""Mixture-of-experts in two grouped matmuls (Triton): the (token, expert) pairs are sorted by expert
+and padded to whole tiles, so every tile multiplies rows of one expert. No host sync: CUDA-graph safe."""
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_M = 16
+
+
+@triton.jit
+def _grouped_matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ids_ptr, block_experts_ptr, num_pairs, N, K,
+                           stride_a, stride_we, stride_wn, stride_out, A_ROW_DIV: tl.constexpr,
+                           SCALE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    block = tl.program_id(0)
+    expert = tl.load(block_experts_ptr + block)
+    if expert >= 0:
+        pairs = tl.load(pair_ids_ptr + block * BLOCK_M + tl.arange(0, BLOCK_M))
+        valid = pairs < num_pairs
+        rows = pairs // A_ROW_DIV  # x is indexed by token (pair // top_k), the intermediate by pair
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for start in range(0, K, BLOCK_K):
+            offs_k = start + tl.arange(0, BLOCK_K)
+            a = tl.load(a_ptr + rows[:, None] * stride_a + offs_k[None, :],
+                        mask=valid[:, None] & (offs_k[None, :] < K), other=0.0)
+            w = tl.load(w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None],
+                        mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=0.0)
+            acc = tl.dot(a, w, acc)
+        if SCALE:
+            acc = acc * tl.load(scale_ptr + pairs, mask=valid, other=0.0)[:, None]
+        tl.store(out_ptr + pairs[:, None] * stride_out + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=valid[:, None] & (offs_n[None, :] < N))
+
+
+def sort_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pair ids grouped by expert, each group padded with ``num_pairs`` to whole BLOCK_M tiles; the expert
+    of each tile, -1 past the end). Sizes are the worst case, so nothing waits for the device."""
+    flat = topk_ids.flatten()
+    num_pairs = flat.numel()
+    counts = torch.bincount(flat, minlength=num_experts)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded_ends = padded.cumsum(0)
+    order = flat.argsort(stable=True)
+    sorted_experts = flat[order]
+    rank = torch.arange(num_pairs, device=flat.device) - (counts.cumsum(0) - counts)[sorted_experts]
+    max_tiles = (num_pairs + num_experts * (BLOCK_M - 1)) // BLOCK_M + 1
+    pair_ids = torch.full((max_tiles * BLOCK_M,), num_pairs, dtype=torch.int64, device=flat.device)
+    pair_ids[(padded_ends - padded)[sorted_experts] + rank] = order
+    tile_starts = torch.arange(max_tiles, device=flat.device) * BLOCK_M
+    block_experts = torch.searchsorted(padded_ends, tile_starts, right=True)
+    block_experts = torch.where(block_experts < num_experts, block_experts, -1).to(torch.int32)
+    return pair_ids, block_experts
+
+
+def _grouped_matmul(a, w, out, scale, pair_ids, block_experts, num_pairs, a_row_div):
+    n, k = w.shape[1], w.shape[2]
+    block_n = 64 if n >= 64 else max(16, triton.next_power_of_2(n))
+    block_k = 64 if k >= 64 else max(16, triton.next_power_of_2(k))
+    grid = (block_experts.numel(), triton.cdiv(n, block_n))
+    _grouped_matmul_kernel[grid](a, w, out, scale if scale is not None else out, pair_ids, block_experts, num_pairs, n,
+                                 k, a.stride(0), w.stride(0), w.stride(1), out.stride(0), A_ROW_DIV=a_row_div,
+                                 SCALE=scale is not None, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k)
+
+
+def grouped_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                topk_ids: torch.Tensor) -> torch.Tensor:
+    """sum_j weight_j * down_e(silu(gate_e(x)) * up_e(x)) over each token's experts e = topk_ids[:, j].
+
+    x: [tokens, H]; w13: [E, 2I, H] (gate rows, then up rows); w2: [E, H, I]. Returns [tokens, H].
+    """
+    from nanovllm.layers.activation import silu_and_mul
+    tokens, top_k = topk_ids.shape
+    num_pairs = tokens * top_k
+    pair_ids, block_experts = sort_pairs_by_expert(topk_ids, w13.shape[0])
+    gate_up = torch.empty(num_pairs, w13.shape[1], dtype=x.dtype, device=x.device)
+    _grouped_matmul(x, w13, gate_up, None, pair_ids, block_experts, num_pairs, top_k)
+    hidden = silu_and_mul(gate_up)
+    out = torch.empty(num_pairs, w2.shape[1], dtype=x.dtype, device=x.device)
+    _grouped_matmul(hidden, w2, out, topk_weights.flatten().float().contiguous(), pair_ids, block_experts, num_pairs, 1)
+    return out.view(tokens, top_k, -1).sum(dim=1)
