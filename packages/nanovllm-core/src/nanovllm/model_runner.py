@@ -52,11 +52,11 @@ class SampledTokens:
     Reading them waits for this step only, not for a next step queued behind it on the GPU.
     """
 
-    def __init__(self, device_ids: torch.Tensor, host_buffer: torch.Tensor | None = None):
+    def __init__(self, device_ids: torch.Tensor, host_ids: torch.Tensor | None = None):
         self.device_ids = device_ids
         self.ready = None
         if device_ids.is_cuda:
-            self.host_ids = host_buffer[:device_ids.numel()]  # pinned
+            self.host_ids = host_ids  # pinned, as many elements as device_ids
             self.host_ids.copy_(device_ids, non_blocking=True)
             self.ready = torch.cuda.Event()
             self.ready.record()
@@ -297,19 +297,22 @@ class ModelRunner:
     def _staged(self, name: str, array: np.ndarray) -> torch.Tensor:
         """``array`` as a tensor; on CUDA in a reused pinned buffer, so its copy to the GPU is asynchronous.
 
-        Two buffers per name, alternating by step: a step fills the pair of the step before last,
-        whose copies are done (its sampled tokens have been read back).
+        Buffers alternate by step: a step fills those of the step before last, whose copies are done
+        (its sampled tokens have been read back).
         """
         if self.device.type != "cuda":
             return torch.from_numpy(array)
-        key = (name, self.num_steps % 2)
-        buffer = self.pinned.get(key)
-        if buffer is None or buffer.numel() < array.size:
-            buffer = torch.empty(2 * array.size, dtype=torch.from_numpy(array[:0]).dtype, pin_memory=True)
-            self.pinned[key] = buffer
-        staged = buffer[:array.size].view(array.shape)
+        staged = self._pinned(name, array.size, torch.from_numpy(array[:0]).dtype).view(array.shape)
         staged.numpy()[...] = array
         return staged
+
+    def _pinned(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """``numel`` elements of this step's pinned host buffer ``name`` (two per name, by step parity)."""
+        key = (name, self.num_steps % 2)
+        buffer = self.pinned.get(key)
+        if buffer is None or buffer.numel() < numel:
+            buffer = self.pinned[key] = torch.empty(2 * numel, dtype=dtype, pin_memory=True)
+        return buffer[:numel]
 
     def _to_device(self, name: str, array: np.ndarray) -> torch.Tensor:
         return self._staged(name, array).to(self.device, non_blocking=True)
@@ -338,13 +341,8 @@ class ModelRunner:
         filter_top = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params)
         generators = [self._generator(seq) for seq in sampling]
         self.prev_sampled = self.sampler(logits, temperatures, top_k, top_p, generators, filter_top)
-        host_buffer = None
-        if self.device.type == "cuda":  # the step before last read its tokens: its buffer is free
-            key = ("sampled", self.num_steps % 2)
-            if key not in self.pinned:
-                self.pinned[key] = torch.empty(self.config.max_num_seqs, dtype=torch.int64, pin_memory=True)
-            host_buffer = self.pinned[key]
-        return SampledTokens(self.prev_sampled, host_buffer)
+        host_ids = self._pinned("sampled", len(sampling), torch.int64) if self.device.type == "cuda" else None
+        return SampledTokens(self.prev_sampled, host_ids)
 
     def _generator(self, seq) -> torch.Generator | None:
         params = seq.sampling_params
