@@ -110,21 +110,24 @@ class LLMEngine:
         schedules and prepares step N+1 while the GPU runs step N.
         """
         batch = self.scheduler.schedule()
-        in_flight = None
+        launched = None
         if batch:
             sampled = self.model_runner.step(batch)
-            in_flight = (self.scheduler.advance(batch), sampled)
-        finished = []
-        if self._in_flight is not None:
-            pending, sampled_before = self._in_flight
-            finished = self.scheduler.resolve(pending, sampled_before.tolist())
-        if in_flight is not None and not self.async_scheduling:
-            finished += self.scheduler.resolve(in_flight[0], in_flight[1].tolist())
-            in_flight = None
-        self._in_flight = in_flight
+            launched = (self.scheduler.advance(batch), sampled)
+        finished = self._read_in_flight()  # the previous step's tokens, while this one runs
+        self._in_flight = launched
+        if not self.async_scheduling:
+            finished += self._read_in_flight()
         num_decode = sum(1 for seq, n in batch if n == 1 and seq.num_computed_tokens > seq.num_prompt_tokens)
         num_prefill = sum(n for _, n in batch) - num_decode
         return finished, num_prefill, num_decode
+
+    def _read_in_flight(self) -> list[Sequence]:
+        """Wait for the launched step's sampled tokens and put them in place; the sequences that finished."""
+        if self._in_flight is None:
+            return []
+        (pending, sampled), self._in_flight = self._in_flight, None
+        return self.scheduler.resolve(pending, sampled.tolist())
 
     def is_finished(self) -> bool:
         return self.scheduler.is_finished() and self._in_flight is None
