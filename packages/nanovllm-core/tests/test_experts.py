@@ -53,7 +53,15 @@ def test_prefetch_makes_the_next_call_hit():
     cache.prefetch(torch.tensor([[3, 1]]))
     assert cache.prefetches == 2 and set(cache.slot_of) == {1, 3}
     run(cache, [[3, 1]])
-    assert counters(cache) == (2, 0, 0)
+    assert counters(cache) == (2, 0, 0) and cache.prefetch_hits == 2
+
+
+def test_prefetch_takes_the_most_likely_experts_that_fit():
+    _, cache = managers(offload_experts_per_layer=1)
+    cache.prefetch(torch.tensor([[2, 0], [2, 1], [3, 2]]))
+    assert cache.prefetches == 1 and list(cache.slot_of) == [2]
+    run(cache, [[0, 2]])  # rounds of one slot: the prefetched 2 first, then 0 copied over it
+    assert counters(cache) == (1, 1, 1) and cache.prefetch_hits == 1 and list(cache.slot_of) == [0]
 
 
 @pytest.mark.parametrize("slots", [1, 2, 4])

@@ -19,6 +19,30 @@ def check(grouped_moe, device, dtype, tokens=13, hidden=32, inter=24, experts=5,
     assert error < tol, f"max error {error}"
 
 
+def check_skipped_pairs(device, dtype, tokens=9, hidden=32, inter=24, experts=4, top_k=2, tol=1e-4):
+    """Pairs whose id is E (not computed this round) keep their rows; the others hold their weighted expert output."""
+    from nanovllm.kernels.grouped_moe import grouped_moe_pairs
+    from nanovllm.layers.activation import silu_and_mul
+    torch.manual_seed(1)
+    x = torch.randn(tokens, hidden, device=device).to(dtype)
+    w13 = (torch.randn(experts, 2 * inter, hidden, device=device) / hidden ** 0.5).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter, device=device) / inter ** 0.5).to(dtype)
+    weights = torch.rand(tokens, top_k, device=device)
+    ids = torch.randint(0, experts + 1, (tokens, top_k), device=device)
+    ids[0] = torch.tensor([experts, experts - 1])
+    out = torch.full((tokens * top_k, hidden), 7.0, device=device, dtype=dtype)
+    grouped_moe_pairs(x, w13, w2, weights, ids, out)
+    for pair, expert in enumerate(ids.flatten().tolist()):
+        token = pair // top_k
+        if expert == experts:
+            assert (out[pair] == 7.0).all(), f"skipped pair {pair} was written"
+            continue
+        expected = weights.flatten()[pair] * (silu_and_mul(x[token].float() @ w13[expert].float().t())
+                                              @ w2[expert].float().t())
+        error = (out[pair].float() - expected).abs().max().item()
+        assert error < tol, f"pair {pair}: max error {error}"
+
+
 def check_interpreted():
     from nanovllm.kernels.grouped_moe import grouped_moe
     check(grouped_moe, "cpu", torch.float32)
@@ -26,6 +50,7 @@ def check_interpreted():
     # and the check fails when experts are swapped
     with pytest.raises(AssertionError, match="max error"):
         check(lambda x, w13, w2, w, ids: grouped_moe(x, w13, w2, w, (ids + 1) % 5), "cpu", torch.float32)
+    check_skipped_pairs("cpu", torch.float32)
 
 
 def test_grouped_moe_interpreted_on_cpu():
@@ -39,3 +64,8 @@ def test_grouped_moe_interpreted_on_cpu():
 def test_grouped_moe_on_gpu(dtype, tokens):
     from nanovllm.kernels.grouped_moe import grouped_moe
     check(grouped_moe, "cuda", dtype, tokens=tokens, hidden=256, inter=512, experts=8, tol=5e-2)
+
+
+@pytest.mark.gpu
+def test_grouped_moe_skips_pairs_on_gpu():
+    check_skipped_pairs("cuda", torch.bfloat16, tokens=40, hidden=256, inter=512, experts=8, tol=5e-2)

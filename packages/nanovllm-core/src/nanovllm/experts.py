@@ -1,6 +1,6 @@
 """Expert managers: how a MoE layer's expert weights are stored and computed. Core's built-ins are
 registered through the same hook as plugins' (``register_expert_managers``)."""
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import torch
 from torch import nn
@@ -154,8 +154,10 @@ class OffloadedExperts(ExpertManager):
         self.w2_slots = torch.empty((self.num_slots, *shape2[1:]), device=device)
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # expert -> slot, least recently used first
         self.copied: dict[int, torch.cuda.Event] = {}  # expert -> its copy's completion, on CUDA
+        self.slots_read: torch.cuda.Event | None = None  # the last kernels reading the slots, on CUDA
         self.copy_stream = torch.cuda.Stream(device) if on_cuda else None
-        self.hits = self.misses = self.evictions = self.prefetches = 0
+        self.prefetched: set[int] = set()  # copied on a guess and not used yet
+        self.hits = self.misses = self.evictions = self.prefetches = self.prefetch_hits = 0
 
     def _num_slots(self, config) -> int:
         options = config.plugin_options
@@ -187,13 +189,15 @@ class OffloadedExperts(ExpertManager):
             victim = next(e for e in self.slot_of if e not in keep)
             slot = self.slot_of.pop(victim)
             self.copied.pop(victim, None)
+            self.prefetched.discard(victim)
             self.evictions += 1
         self.slot_of[expert] = slot
         if self.copy_stream is None:
             self.w13_slots[slot].copy_(self.w13_host[expert])
             self.w2_slots[slot].copy_(self.w2_host[expert])
             return
-        self.copy_stream.wait_stream(torch.cuda.current_stream())  # the slot's last reader is done
+        if self.slots_read is not None:
+            self.copy_stream.wait_event(self.slots_read)  # the slot's last reader is done
         with torch.cuda.stream(self.copy_stream):
             self.w13_slots[slot].copy_(self.w13_host[expert], non_blocking=True)
             self.w2_slots[slot].copy_(self.w2_host[expert], non_blocking=True)
@@ -201,27 +205,42 @@ class OffloadedExperts(ExpertManager):
             self.copied[expert].record()
 
     def prefetch(self, topk_ids: torch.Tensor):
-        """Start copying the experts ``topk_ids`` name (a guess for this layer's next call)."""
-        for expert in topk_ids.unique().tolist():
+        """Start copying the experts ``topk_ids`` (a guess for this layer's next call) names most often, as many
+        as there are slots."""
+        likely = [e for e, _ in Counter(topk_ids.flatten().tolist()).most_common(self.num_slots)]
+        for expert in likely:
             if expert not in self.slot_of:
                 self.prefetches += 1
-                self._make_resident(expert, keep=set())
+                self.prefetched.add(expert)
+                self._make_resident(expert, keep=set(likely))
 
     def forward(self, x, topk_weights, topk_ids):
-        needed = topk_ids.unique().tolist()
-        out = torch.zeros_like(x)
+        needed = sorted(topk_ids.unique().tolist(), key=lambda e: e not in self.slot_of)  # cached ones first
+        # CUDA: resident's grouped kernel over the slots, one output row per pair (so rounds give resident's sums)
+        pairs = torch.empty(topk_ids.numel(), x.size(1), dtype=x.dtype, device=x.device) if x.is_cuda else None
+        out = None if x.is_cuda else torch.zeros_like(x)
         for start in range(0, len(needed), self.num_slots):  # in rounds when a step needs more than fit
             group = set(needed[start:start + self.num_slots])
             for expert in group:
                 if expert in self.slot_of:
                     self.hits += 1
+                    self.prefetch_hits += expert in self.prefetched
+                    self.prefetched.discard(expert)
                 else:
                     self.misses += 1
                 self._make_resident(expert, keep=group)
                 if expert in self.copied:
                     torch.cuda.current_stream().wait_event(self.copied[expert])
-            grouped_experts(x, topk_weights, topk_ids, self._slot_weights, out, only=group)
-        return out
+            if x.is_cuda:
+                from nanovllm.kernels.grouped_moe import grouped_moe_pairs
+                slot_of_expert = [self.slot_of[e] if e in group else self.num_slots for e in range(self.num_experts)]
+                slot_ids = torch.tensor(slot_of_expert, device=x.device)[topk_ids]  # num_slots: not this round
+                grouped_moe_pairs(x, self.w13_slots, self.w2_slots, topk_weights, slot_ids, pairs)
+                self.slots_read = torch.cuda.Event()
+                self.slots_read.record()
+            else:
+                grouped_experts(x, topk_weights, topk_ids, self._slot_weights, out, only=group)
+        return pairs.view(*topk_ids.shape, -1).sum(dim=1) if x.is_cuda else out
 
     def _slot_weights(self, expert: int):
         slot = self.slot_of[expert]

@@ -97,7 +97,8 @@ class ModelRunner:
                                               moe.checkpoint_names, config)
                 if manager_cls.prefetch is not ExpertManager.prefetch:
                     for moe, next_moe in zip(moe_layers, moe_layers[1:]):
-                        moe.prefetch_next = lambda x, n=next_moe: n.experts.prefetch(n.route(x)[1])
+                        moe.guess_next = lambda x, n=next_moe: n.route(x)[1].cpu()
+                        moe.prefetch_next = next_moe.experts.prefetch
             load_model(self.model, config.model)
         except torch.cuda.OutOfMemoryError:
             raise RuntimeError(f"the model's weights do not fit on {platform.describe()} (about "

@@ -34,22 +34,25 @@ def _grouped_matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ids_ptr, block
 
 def sort_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(pair ids grouped by expert, each group padded with ``num_pairs`` to whole BLOCK_M tiles; the expert
-    of each tile, -1 past the end). Sizes are the worst case, so nothing waits for the device."""
+    of each tile, -1 past the end). Pairs whose id is ``num_experts`` get no tile (skipped). Sizes are the
+    worst case, so nothing waits for the device."""
     flat = topk_ids.flatten()
     num_pairs = flat.numel()
-    counts = torch.bincount(flat, minlength=num_experts)
+    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     padded_ends = padded.cumsum(0)
-    order = flat.argsort(stable=True)
+    order = flat.argsort(stable=True)  # skipped pairs sort last
     sorted_experts = flat[order]
-    rank = torch.arange(num_pairs, device=flat.device) - (counts.cumsum(0) - counts)[sorted_experts]
+    expert = sorted_experts.clamp(max=num_experts - 1)
+    rank = torch.arange(num_pairs, device=flat.device) - (counts.cumsum(0) - counts)[expert]
     max_tiles = (num_pairs + num_experts * (BLOCK_M - 1)) // BLOCK_M + 1
-    pair_ids = torch.full((max_tiles * BLOCK_M,), num_pairs, dtype=torch.int64, device=flat.device)
-    pair_ids[(padded_ends - padded)[sorted_experts] + rank] = order
+    dump = max_tiles * BLOCK_M  # skipped pairs are written past the end, then cut off
+    pair_ids = torch.full((dump + 1,), num_pairs, dtype=torch.int64, device=flat.device)
+    pair_ids[torch.where(sorted_experts < num_experts, (padded_ends - padded)[expert] + rank, dump)] = order
     tile_starts = torch.arange(max_tiles, device=flat.device) * BLOCK_M
     block_experts = torch.searchsorted(padded_ends, tile_starts, right=True)
     block_experts = torch.where(block_experts < num_experts, block_experts, -1).to(torch.int32)
-    return pair_ids, block_experts
+    return pair_ids[:dump], block_experts
 
 
 def _grouped_matmul(a, w, out, scale, pair_ids, block_experts, num_pairs, a_row_div):
@@ -62,19 +65,26 @@ def _grouped_matmul(a, w, out, scale, pair_ids, block_experts, num_pairs, a_row_
                                  SCALE=scale is not None, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k)
 
 
-def grouped_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                topk_ids: torch.Tensor) -> torch.Tensor:
-    """sum_j weight_j * down_e(silu(gate_e(x)) * up_e(x)) over each token's experts e = topk_ids[:, j].
+def grouped_moe_pairs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                      topk_ids: torch.Tensor, out: torch.Tensor):
+    """Write weight * down_e(silu(gate_e(x)) * up_e(x)) into row ``t * top_k + j`` of ``out`` for each pair
+    (token t, e = topk_ids[t, j]) with e < E; rows of pairs whose id is E are left as they are.
 
-    x: [tokens, H]; w13: [E, 2I, H] (gate rows, then up rows); w2: [E, H, I]. Returns [tokens, H].
+    x: [tokens, H]; w13: [E, 2I, H] (gate rows, then up rows); w2: [E, H, I]; out: [tokens * top_k, H].
     """
     from nanovllm.layers.activation import silu_and_mul
-    tokens, top_k = topk_ids.shape
-    num_pairs = tokens * top_k
+    num_pairs, top_k = topk_ids.numel(), topk_ids.size(1)
     pair_ids, block_experts = sort_pairs_by_expert(topk_ids, w13.shape[0])
     gate_up = torch.empty(num_pairs, w13.shape[1], dtype=x.dtype, device=x.device)
     _grouped_matmul(x, w13, gate_up, None, pair_ids, block_experts, num_pairs, top_k)
     hidden = silu_and_mul(gate_up)
-    out = torch.empty(num_pairs, w2.shape[1], dtype=x.dtype, device=x.device)
     _grouped_matmul(hidden, w2, out, topk_weights.flatten().float().contiguous(), pair_ids, block_experts, num_pairs, 1)
+
+
+def grouped_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                topk_ids: torch.Tensor) -> torch.Tensor:
+    """sum_j weight_j * down_e(silu(gate_e(x)) * up_e(x)) over each token's experts e = topk_ids[:, j]: [tokens, H]."""
+    tokens, top_k = topk_ids.shape
+    out = torch.empty(tokens * top_k, w2.shape[1], dtype=x.dtype, device=x.device)
+    grouped_moe_pairs(x, w13, w2, topk_weights, topk_ids, out)
     return out.view(tokens, top_k, -1).sum(dim=1)

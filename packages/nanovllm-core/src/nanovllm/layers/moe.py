@@ -24,7 +24,10 @@ class SparseMoE(nn.Module):
         self.tp_size = tp_rank_and_size()[1]
         self.gate = ReplicatedLinear(hidden_size, num_experts)
         self.experts = None  # an ExpertManager, set by the model runner
-        self.prefetch_next = None  # set by the model runner when the manager prefetches: hints the next layer
+        # Set by the model runner when the manager prefetches: x -> the next MoE layer's likely expert ids on the
+        # host, and ids -> start copying them for the next layer.
+        self.guess_next = None
+        self.prefetch_next = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k experts per token and their weights: softmax over all experts, then optionally renormalised."""
@@ -36,9 +39,12 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
-        if self.prefetch_next is not None:
-            self.prefetch_next(x)  # copies for the next layer overlap this layer's experts
+        # The guess is read before this layer's experts are queued (reading waits for the device); its copies
+        # are queued after this layer's own, so they overlap this layer's experts without delaying them.
+        guess = self.guess_next(x) if self.guess_next is not None else None
         out = self.experts(x, weights, ids)
+        if guess is not None:
+            self.prefetch_next(guess)
         if self.tp_size > 1:
             dist.all_reduce(out)
         return out
