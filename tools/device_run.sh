@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a GPU machine from this checkout (no registry there) and run the GPU tests and benchmarks.
-#   tools/device_run.sh [tests|bench|latency|profile|fa1|all]...   logs and summaries go to $OUT (default ./out)
+#   tools/device_run.sh [tests|bench|latency|profile|fa1|moe|all]...   logs and summaries go to $OUT (default ./out)
 # Needs, in the ignored folder .gpu/: wheels/fa2/*.whl and wheels/fa1/*.whl (flash-attn 2 and 1 built
 # for the GPU's image) and, for the side-by-side benchmark, nano-vllm/ (an upstream nano-vllm
 # checkout, never committed). The two flash-attn majors live in separate folders, /tmp/fa2 and /tmp/fa1.
@@ -38,6 +38,11 @@ for step in "${@:-all}"; do
         PYTHONPATH=/tmp/fa1 python3 tools/bench_prefill_fa1.py 2>&1 | tee "$OUT/fa1_prefill.log" || status=1
         python3 tools/bench_throughput.py --dtype float16 --backend fa1=/tmp/fa1 --json "$OUT/fa1_vs_fa2.json" 2>&1 \
             | tee "$OUT/fa1_vs_fa2.log" || status=1
+    fi
+    if [[ $step == moe || $step == all ]]; then
+        python3 -m pytest -m gpu -q -p no:cacheprovider packages/nanovllm-models/tests/test_moe_gpu.py \
+            packages/nanovllm-core/tests/test_grouped_moe_kernel.py 2>&1 | tee "$OUT/moe_tests.log" || status=1
+        python3 tools/bench_moe.py --json "$OUT/moe.json" 2>&1 | tee "$OUT/moe.log" || status=1
     fi
 done
 exit $status

@@ -38,7 +38,8 @@ def sort_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int) -> tuple[torc
     worst case, so nothing waits for the device."""
     flat = topk_ids.flatten()
     num_pairs = flat.numel()
-    counts = torch.bincount(flat, minlength=num_experts + 1)[:num_experts]
+    # (bincount would read its output size from the device: no CUDA graph could capture it)
+    counts = (flat[:, None] == torch.arange(num_experts, device=flat.device)).sum(0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     padded_ends = padded.cumsum(0)
     order = flat.argsort(stable=True)  # skipped pairs sort last
@@ -48,7 +49,7 @@ def sort_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int) -> tuple[torc
     max_tiles = (num_pairs + num_experts * (BLOCK_M - 1)) // BLOCK_M + 1
     dump = max_tiles * BLOCK_M  # skipped pairs are written past the end, then cut off
     pair_ids = torch.full((dump + 1,), num_pairs, dtype=torch.int64, device=flat.device)
-    pair_ids[torch.where(sorted_experts < num_experts, (padded_ends - padded)[expert] + rank, dump)] = order
+    pair_ids[((padded_ends - padded)[expert] + rank).masked_fill(sorted_experts >= num_experts, dump)] = order
     tile_starts = torch.arange(max_tiles, device=flat.device) * BLOCK_M
     block_experts = torch.searchsorted(padded_ends, tile_starts, right=True)
     block_experts = torch.where(block_experts < num_experts, block_experts, -1).to(torch.int32)
