@@ -210,9 +210,9 @@ def main():
         step_bytes = layers * ATTENTION_BYTES + OUTER_BYTES / 2 + cached["distinct_experts"] * EXPERT_BYTES
         hbm_bound = int(batch) / (step_bytes / hbm) if hbm else None
         must_move = offload["misses"] + offload["prefetch_hits"]
-        copy_bound = int(batch) / (must_move * EXPERT_BYTES / bandwidth)
+        copy_bound = int(batch) / (must_move * EXPERT_BYTES / bandwidth) if must_move else float("inf")
         moved_seconds = (offload["misses"] + offload["prefetches"]) * EXPERT_BYTES / bandwidth
-        hidden = 1 - (offload["step_seconds"] - cached["step_seconds"]) / moved_seconds
+        hidden = 1 - (offload["step_seconds"] - cached["step_seconds"]) / moved_seconds if moved_seconds else 1.0
         hit_rate = 1 - offload["misses"] / offload["distinct_experts"]
         row = {"resident_tok_per_s": resident["tok_per_s"], "hbm_bound_tok_per_s": hbm_bound,
                "offload_cached_tok_per_s": cached["tok_per_s"], "offload_tok_per_s": offload["tok_per_s"],

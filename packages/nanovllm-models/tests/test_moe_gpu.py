@@ -24,7 +24,10 @@ def moe_checkpoint(tiny_checkpoint, model):
 @pytest.mark.parametrize("mode", GPU_MODES)
 @pytest.mark.parametrize("model", GPU_MOE)
 def test_moe_greedy_matches_hf_bf16(model, mode, tiny_checkpoint):
-    check_gpu_greedy_matches_hf(moe_checkpoint(tiny_checkpoint, model), mode, "fa2", torch.bfloat16)
+    """In bf16 a routing near-tie flips an expert: Hugging Face's own bf16 and fp32 logits differ by more than
+    0.1 at about 1 position in 6 on these checkpoints, so the margin there grows by that difference."""
+    check_gpu_greedy_matches_hf(moe_checkpoint(tiny_checkpoint, model), mode, "fa2", torch.bfloat16,
+                                noise_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("slots", [3, 8])
@@ -42,9 +45,12 @@ def test_offload_gives_the_resident_tokens_bf16(model, slots, tiny_checkpoint):
         tokens[manager] = [o["token_ids"] for o in llm.generate(prompts, params, use_tqdm=False)]
         if manager == "offload":
             caches = [m for m in llm.model_runner.model.modules() if hasattr(m, "num_slots")]
-            assert caches and all(c.w13_slots.is_cuda and c.w13_host.is_pinned() for c in caches)
-            assert sum(c.misses for c in caches) > 0
-            if slots < 8:
-                assert sum(c.evictions for c in caches) > 0 and sum(c.prefetches for c in caches) > 0
-        llm.exit()
+            on_device = all(c.w13_slots.is_cuda and c.w13_host.is_pinned() for c in caches)
+            counts = {k: sum(getattr(c, k) for c in caches) for k in ("misses", "evictions", "prefetches")}
+        llm.exit()  # before any assertion, so that a failure leaves the GPU's memory to the next test
+    assert caches and on_device and counts["misses"] > 0
+    if slots < 8:
+        assert counts["evictions"] > 0
+    if len(caches) > 1:  # Qwen2-MoE's tiny model has one MoE layer: nothing to prefetch for
+        assert counts["prefetches"] > 0
     assert tokens["offload"] == tokens["resident"]

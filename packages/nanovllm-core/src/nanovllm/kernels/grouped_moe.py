@@ -56,14 +56,19 @@ def sort_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int) -> tuple[torc
     return pair_ids[:dump], block_experts
 
 
-def _grouped_matmul(a, w, out, scale, pair_ids, block_experts, num_pairs, a_row_div):
+def tile_config(num_pairs: int, n: int, k: int) -> dict:
+    """Tile sizes, warps and pipeline stages for an [num_pairs x k] @ [k x n] grouped matmul."""
+    return dict(BLOCK_N=64 if n >= 64 else max(16, triton.next_power_of_2(n)),
+                BLOCK_K=64 if k >= 64 else max(16, triton.next_power_of_2(k)))
+
+
+def _grouped_matmul(a, w, out, scale, pair_ids, block_experts, num_pairs, a_row_div, config=None):
     n, k = w.shape[1], w.shape[2]
-    block_n = 64 if n >= 64 else max(16, triton.next_power_of_2(n))
-    block_k = 64 if k >= 64 else max(16, triton.next_power_of_2(k))
-    grid = (block_experts.numel(), triton.cdiv(n, block_n))
+    config = config or tile_config(num_pairs, n, k)
+    grid = (block_experts.numel(), triton.cdiv(n, config["BLOCK_N"]))
     _grouped_matmul_kernel[grid](a, w, out, scale if scale is not None else out, pair_ids, block_experts, num_pairs, n,
                                  k, a.stride(0), w.stride(0), w.stride(1), out.stride(0), A_ROW_DIV=a_row_div,
-                                 SCALE=scale is not None, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k)
+                                 SCALE=scale is not None, BLOCK_M=BLOCK_M, **config)
 
 
 def grouped_moe_pairs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
