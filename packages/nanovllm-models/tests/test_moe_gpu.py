@@ -25,9 +25,10 @@ def moe_checkpoint(tiny_checkpoint, model):
 @pytest.mark.parametrize("model", GPU_MOE)
 def test_moe_greedy_matches_hf_bf16(model, mode, tiny_checkpoint):
     """In bf16 a routing near-tie flips an expert: Hugging Face's own bf16 and fp32 logits differ by more than
-    0.1 at about 1 position in 6 on these checkpoints, so the margin there grows by that difference."""
+    0.1 at about 1 position in 6 on these checkpoints, each time where some layer's 2nd and 3rd router logits
+    are within about 0.03 (10% of positions are). Both kinds of near-tie are allowed, nothing else."""
     check_gpu_greedy_matches_hf(moe_checkpoint(tiny_checkpoint, model), mode, "fa2", torch.bfloat16,
-                                noise_dtype=torch.float32)
+                                noise_dtype=torch.float32, router_tol=0.04)
 
 
 @pytest.mark.parametrize("slots", [3, 8])

@@ -234,7 +234,9 @@ class OffloadedExperts(ExpertManager):
             if x.is_cuda:
                 from nanovllm.kernels.grouped_moe import grouped_moe_pairs
                 slot_of_expert = [self.slot_of[e] if e in group else self.num_slots for e in range(self.num_experts)]
-                slot_ids = torch.tensor(slot_of_expert, device=x.device)[topk_ids]  # num_slots: not this round
+                # pinned and non-blocking: the host must not wait here, or the next copy would start late
+                table = torch.tensor(slot_of_expert, pin_memory=True).to(x.device, non_blocking=True)
+                slot_ids = table[topk_ids]  # num_slots: not this round
                 grouped_moe_pairs(x, self.w13_slots, self.w2_slots, topk_weights, slot_ids, pairs)
                 self.slots_read = torch.cuda.Event()
                 self.slots_read.record()

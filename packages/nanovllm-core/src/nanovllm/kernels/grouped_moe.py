@@ -1,10 +1,10 @@
 """Mixture-of-experts in two grouped matmuls (Triton): the (token, expert) pairs are sorted by expert
 and padded to whole tiles, so every tile multiplies rows of one expert. No host sync: CUDA-graph safe."""
+import functools
+
 import torch
 import triton
 import triton.language as tl
-
-BLOCK_M = 16
 
 
 @triton.jit
@@ -32,43 +32,61 @@ def _grouped_matmul_kernel(a_ptr, w_ptr, out_ptr, scale_ptr, pair_ids_ptr, block
                  mask=valid[:, None] & (offs_n[None, :] < N))
 
 
-def sort_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pair ids grouped by expert, each group padded with ``num_pairs`` to whole BLOCK_M tiles; the expert
+def sort_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pair ids grouped by expert, each group padded with ``num_pairs`` to whole ``block_m`` tiles; the expert
     of each tile, -1 past the end). Pairs whose id is ``num_experts`` get no tile (skipped). Sizes are the
     worst case, so nothing waits for the device."""
     flat = topk_ids.flatten()
     num_pairs = flat.numel()
     # (bincount would read its output size from the device: no CUDA graph could capture it)
     counts = (flat[:, None] == torch.arange(num_experts, device=flat.device)).sum(0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    padded = (counts + block_m - 1) // block_m * block_m
     padded_ends = padded.cumsum(0)
     order = flat.argsort(stable=True)  # skipped pairs sort last
     sorted_experts = flat[order]
     expert = sorted_experts.clamp(max=num_experts - 1)
     rank = torch.arange(num_pairs, device=flat.device) - (counts.cumsum(0) - counts)[expert]
-    max_tiles = (num_pairs + num_experts * (BLOCK_M - 1)) // BLOCK_M + 1
-    dump = max_tiles * BLOCK_M  # skipped pairs are written past the end, then cut off
+    max_tiles = (num_pairs + num_experts * (block_m - 1)) // block_m + 1
+    dump = max_tiles * block_m  # skipped pairs are written past the end, then cut off
     pair_ids = torch.full((dump + 1,), num_pairs, dtype=torch.int64, device=flat.device)
     pair_ids[((padded_ends - padded)[expert] + rank).masked_fill(sorted_experts >= num_experts, dump)] = order
-    tile_starts = torch.arange(max_tiles, device=flat.device) * BLOCK_M
+    tile_starts = torch.arange(max_tiles, device=flat.device) * block_m
     block_experts = torch.searchsorted(padded_ends, tile_starts, right=True)
     block_experts = torch.where(block_experts < num_experts, block_experts, -1).to(torch.int32)
     return pair_ids[:dump], block_experts
 
 
-def tile_config(num_pairs: int, n: int, k: int) -> dict:
-    """Tile sizes, warps and pipeline stages for an [num_pairs x k] @ [k x n] grouped matmul."""
-    return dict(BLOCK_N=64 if n >= 64 else max(16, triton.next_power_of_2(n)),
-                BLOCK_K=64 if k >= 64 else max(16, triton.next_power_of_2(k)))
+def block_m_for(num_pairs: int) -> int:
+    """Rows per tile: small for decode (few pairs per expert), larger for prefill to reuse each weight tile."""
+    return 16 if num_pairs <= 256 else 64
 
 
-def _grouped_matmul(a, w, out, scale, pair_ids, block_experts, num_pairs, a_row_div, config=None):
+@functools.cache
+def _shared_memory(device_index: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
+def tile_config(block_m: int, n: int, k: int, device: torch.device) -> dict:
+    """Tiles, warps and pipeline stages for a grouped matmul: long K tiles and three stages stream the weights
+    at ~4 TB/s on an H200 (tools/bench_moe.py); K tiles shrink where shared memory is smaller (sm75: 64 KiB)."""
+    block_n = 64 if n >= 64 else max(16, triton.next_power_of_2(n))
+    block_k = 256 if k >= 256 else max(16, triton.next_power_of_2(k))
+    if device.type != "cuda":  # Triton's CPU interpreter: stages do not apply
+        return dict(BLOCK_N=block_n, BLOCK_K=block_k)
+    shared = _shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+    while block_k > 32 and 2 * (block_m + block_n) * block_k * 2 > shared:
+        block_k //= 2
+    stages = max(1, min(3, shared // ((block_m + block_n) * block_k * 2)))
+    return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages)
+
+
+def _grouped_matmul(a, w, out, scale, pair_ids, block_experts, num_pairs, a_row_div, block_m, config=None):
     n, k = w.shape[1], w.shape[2]
-    config = config or tile_config(num_pairs, n, k)
+    config = config or tile_config(block_m, n, k, a.device)
     grid = (block_experts.numel(), triton.cdiv(n, config["BLOCK_N"]))
     _grouped_matmul_kernel[grid](a, w, out, scale if scale is not None else out, pair_ids, block_experts, num_pairs, n,
                                  k, a.stride(0), w.stride(0), w.stride(1), out.stride(0), A_ROW_DIV=a_row_div,
-                                 SCALE=scale is not None, BLOCK_M=BLOCK_M, **config)
+                                 SCALE=scale is not None, BLOCK_M=block_m, **config)
 
 
 def grouped_moe_pairs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -80,11 +98,13 @@ def grouped_moe_pairs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk
     """
     from nanovllm.layers.activation import silu_and_mul
     num_pairs, top_k = topk_ids.numel(), topk_ids.size(1)
-    pair_ids, block_experts = sort_pairs_by_expert(topk_ids, w13.shape[0])
+    block_m = block_m_for(num_pairs)
+    pair_ids, block_experts = sort_pairs_by_expert(topk_ids, w13.shape[0], block_m)
     gate_up = torch.empty(num_pairs, w13.shape[1], dtype=x.dtype, device=x.device)
-    _grouped_matmul(x, w13, gate_up, None, pair_ids, block_experts, num_pairs, top_k)
+    _grouped_matmul(x, w13, gate_up, None, pair_ids, block_experts, num_pairs, top_k, block_m)
     hidden = silu_and_mul(gate_up)
-    _grouped_matmul(hidden, w2, out, topk_weights.flatten().float().contiguous(), pair_ids, block_experts, num_pairs, 1)
+    _grouped_matmul(hidden, w2, out, topk_weights.flatten().float().contiguous(), pair_ids, block_experts, num_pairs, 1,
+                    block_m)
 
 
 def grouped_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
