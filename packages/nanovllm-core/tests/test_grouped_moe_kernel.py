@@ -47,7 +47,7 @@ def check_interpreted():
     from nanovllm.kernels.grouped_moe import grouped_moe
     check(grouped_moe, "cpu", torch.float32)
     check(grouped_moe, "cpu", torch.float32, tokens=1, top_k=1)
-    check(grouped_moe, "cpu", torch.float32, tokens=150)  # > 256 pairs: prefill tiles of 64 rows
+    check(grouped_moe, "cpu", torch.float32, tokens=150)  # > 256 pairs: prefill tiles of 128 rows
     # and the check fails when experts are swapped
     with pytest.raises(AssertionError, match="max error"):
         check(lambda x, w13, w2, w, ids: grouped_moe(x, w13, w2, w, (ids + 1) % 5), "cpu", torch.float32)
