@@ -155,6 +155,8 @@ def run_config(path: str, name: str, budget_gib: float, steps: int) -> dict:
             "distinct_experts": (hits + misses) / steps, "misses": misses / steps, "prefetches": prefetches / steps,
             "prefetch_hits": prefetch_hits / steps}
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    free, total = torch.cuda.mem_get_info()
+    result["device_used_gib"] = (total - free) / 2**30  # what the GPU reports: the allocator's pool and the context
     llm.exit()
     return result
 
@@ -197,7 +199,7 @@ def main():
     for name in ("resident", "offload-cached", "offload"):
         results[name] = child(args.path, name, args.budget_gib, args.steps)
         print(f"{name}: loaded in {results[name]['load_seconds']:.0f} s, peak {results[name]['peak_gib']:.1f} GiB "
-              f"allocated" + (f", {results[name]['slots_per_layer']} expert slots per layer"
+              f"allocated, {results[name]['device_used_gib']:.1f} GiB used on the GPU" + (f", {results[name]['slots_per_layer']} expert slots per layer"
                               if "slots_per_layer" in results[name] else ""), flush=True)
     summary = {"device": gpu, "layers": layers, "h2d_bytes_per_s": bandwidth, "hbm_bytes_per_s": hbm,
                "budget_gib": args.budget_gib, "results": results, "batches": {}}
