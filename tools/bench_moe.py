@@ -8,7 +8,8 @@ many layers as the disk holds (at most 32). Then, each in its own process, decod
 
   resident        every expert on the GPU: the grouped Triton kernel inside CUDA graphs
   offload-cached  experts in pinned host memory and every one cached on the GPU: offload's compute alone
-  offload         experts in pinned host memory, the process held to --budget-gib of GPU memory
+  offload         experts in pinned host memory, everything PyTorch allocates held to --budget-gib less 0.5 GiB
+                  (a small card's CUDA context); the memory the process holds in all is reported beside it
 
 with their bounds: resident against the bytes a step must read at the GPU's HBM bandwidth (distinct experts
 per step counted in the offload-cached run, whose tokens and routing are the same); offload against the
@@ -157,6 +158,7 @@ def run_config(path: str, name: str, budget_gib: float, steps: int) -> dict:
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     free, total = torch.cuda.mem_get_info()
     result["device_used_gib"] = (total - free) / 2**30  # what the GPU reports: the allocator's pool and the context
+    result["outside_allocator_gib"] = (total - free - torch.cuda.memory_reserved()) / 2**30
     llm.exit()
     return result
 
@@ -199,7 +201,8 @@ def main():
     for name in ("resident", "offload-cached", "offload"):
         results[name] = child(args.path, name, args.budget_gib, args.steps)
         print(f"{name}: loaded in {results[name]['load_seconds']:.0f} s, peak {results[name]['peak_gib']:.1f} GiB "
-              f"allocated, {results[name]['device_used_gib']:.1f} GiB used on the GPU" + (f", {results[name]['slots_per_layer']} expert slots per layer"
+              f"allocated, {results[name]['device_used_gib']:.1f} GiB used on the GPU (of which "
+              f"{results[name]['outside_allocator_gib']:.1f} GiB outside PyTorch's allocator)" + (f", {results[name]['slots_per_layer']} expert slots per layer"
                               if "slots_per_layer" in results[name] else ""), flush=True)
     summary = {"device": gpu, "layers": layers, "h2d_bytes_per_s": bandwidth, "hbm_bytes_per_s": hbm,
                "budget_gib": args.budget_gib, "results": results, "batches": {}}
