@@ -1,0 +1,65 @@
+"""Sweep the grouped MoE kernel's tiles at Mixtral-8x7B's expert shape and print the best against the default.
+
+    python tools/tune_grouped_moe.py
+
+For each token count (decode 1..64, prefill 512 and 2048; top 2 of 8 experts, bf16) and each of the two
+grouped matmuls (gate+up: [pairs x 4096] @ [4096 x 28672]; down: [pairs x 14336] @ [14336 x 4096]):
+the default from ``tile_config``, then the four fastest candidates, as weight bytes per second (the
+bound for decode) and FLOP/s (the bound for prefill). Each candidate's output must match the default's.
+"""
+import itertools
+
+import torch
+from triton.testing import do_bench
+
+from nanovllm.kernels import grouped_moe as g
+
+H, I, E, TOP_K = 4096, 14336, 8, 2
+# (block_m, block_n, block_k, warps, stages)
+DECODE = [(16, bn, bk, 4, s) for bn, bk, s in itertools.product((32, 64, 128), (128, 256), (3, 4, 5))]
+PREFILL = [(bm, bn, bk, w, 3) for bm, bn, bk, w in itertools.product((16, 64, 128), (64, 128), (64, 128), (4, 8))]
+
+
+def main():
+    torch.manual_seed(0)
+    w13 = torch.randn(E, 2 * I, H, device="cuda", dtype=torch.bfloat16) * 0.02
+    w2 = torch.randn(E, H, I, device="cuda", dtype=torch.bfloat16) * 0.02
+    print(torch.cuda.get_device_name())
+    for tokens in (1, 4, 16, 64, 512, 2048):
+        ids = torch.stack([torch.randperm(E, device="cuda")[:TOP_K] for _ in range(tokens)])
+        pairs = tokens * TOP_K
+        active = ids.unique().numel()
+        x = torch.randn(tokens, H, device="cuda", dtype=torch.bfloat16)
+        hidden = torch.randn(pairs, I, device="cuda", dtype=torch.bfloat16)
+        scale = torch.rand(pairs, device="cuda")
+        sorted_for = {bm: g.sort_pairs_by_expert(ids, E, bm) for bm in (16, 64, 128)}
+        for name, a, w, scale_, row_div in (("gate+up", x, w13, None, TOP_K), ("down", hidden, w2, scale, 1)):
+            out = torch.empty(pairs, w.shape[1], device="cuda", dtype=torch.bfloat16)
+            weight_bytes, flop = active * w[0].numel() * 2, 2 * pairs * w[0].numel()
+
+            def run(block_m, config):
+                return do_bench(lambda: g._grouped_matmul(a, w, out, scale_, *sorted_for[block_m], pairs, row_div,
+                                                          block_m, config), warmup=5, rep=25)
+
+            block_m = g.block_m_for(pairs)
+            default_ms = run(block_m, None)
+            reference = out.clone()
+            rows = []
+            for bm, bn, bk, warps, stages in DECODE if pairs <= 256 else PREFILL:
+                try:
+                    ms = run(bm, dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages))
+                except Exception:  # more shared memory than this GPU has
+                    continue
+                torch.testing.assert_close(out, reference, atol=1e-2, rtol=2e-2)
+                rows.append((ms, (bm, bn, bk, warps, stages)))
+
+            def line(ms):
+                return f"{weight_bytes / ms / 1e6:6.0f} GB/s {flop / ms / 1e9:5.0f} TFLOP/s {ms * 1e3:6.0f} us"
+            print(f"tokens {tokens:4d} {name:7s} default {line(default_ms)}  (block_m {block_m}, "
+                  f"{g.tile_config(block_m, w.shape[1], w.shape[2], a.device)})")
+            for ms, candidate in sorted(rows)[:4]:
+                print(f"{'':21s} {line(ms)}  (block_m, block_n, block_k, warps, stages) = {candidate}")
+
+
+if __name__ == "__main__":
+    main()
