@@ -116,6 +116,13 @@ def run_interpreted(path: str, function: str, *args):
 # GPU agreement runs: tiny checkpoints with a head size every flash-attn build has (64), GQA 2:1.
 GPU_TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                 max_position_embeddings=2048, initializer_range=0.1)
+# MoE: 8 experts, top 2; expert sizes that are not a multiple of the grouped kernel's tiles on purpose (96).
+GPU_MOE = {
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=96),
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=96,
+                      shared_expert_intermediate_size=160),
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=96),
+}
 GPU_MODES = {
     "cuda-graphs": dict(),
     "eager": dict(enforce_eager=True),

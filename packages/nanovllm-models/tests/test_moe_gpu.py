@@ -5,16 +5,9 @@ import random
 import pytest
 import torch
 
-from conftest import GPU_MODES, GPU_TINY, check_gpu_greedy_matches_hf
+from conftest import GPU_MODES, GPU_MOE, GPU_TINY, check_gpu_greedy_matches_hf
 
 pytestmark = pytest.mark.gpu
-# 8 experts, top 2; expert sizes that are not a multiple of the kernel's tiles on purpose (96).
-GPU_MOE = {
-    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=96),
-    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=96,
-                      shared_expert_intermediate_size=160),
-    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=96),
-}
 
 
 def moe_checkpoint(tiny_checkpoint, model):

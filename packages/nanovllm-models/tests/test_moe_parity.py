@@ -60,3 +60,29 @@ def test_offload_gives_the_resident_tokens(model, slots, tiny_checkpoint):
             assert sum(c.misses for c in caches) > 0 and sum(c.evictions for c in caches) > 0
         llm.exit()
     assert outputs["offload"] == outputs["resident"]
+
+
+@pytest.mark.parametrize("routing_error", [1.0, 0.8])
+def test_bf16_near_tie_check_catches_a_routing_error(routing_error, tiny_checkpoint, monkeypatch):
+    """The GPU tests' bf16 criterion (routing near-ties and HF's own bf16-vs-fp32 change allowed), on CPU in
+    bf16: our tokens pass it, and tokens computed with routing weights 20% too small do not."""
+    import random
+
+    import torch
+
+    from conftest import GPU_MOE, GPU_TINY, hf_greedy_mismatches
+    from nanovllm.layers.moe import SparseMoE
+    path = tiny_checkpoint("mixtral", **{**GPU_TINY, "dtype": torch.bfloat16, **GPU_MOE["mixtral"]})
+    route = SparseMoE.route
+    monkeypatch.setattr(SparseMoE, "route", lambda self, x: (route(self, x)[0] * routing_error, route(self, x)[1]))
+    rng = random.Random(0)
+    prompts = [[rng.randrange(512) for _ in range(n)] for n in (1, 100, 300)]
+    llm = LLM(path, dtype="bfloat16", kvcache_block_size=256, max_model_len=1024)
+    outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    llm.exit()
+    problems = hf_greedy_mismatches(path, prompts, [o["token_ids"] for o in outputs], tol=0.1, dtype=torch.bfloat16,
+                                    noise_dtype=torch.float32, router_tol=0.04)
+    if routing_error == 1.0:
+        assert not problems, "\n".join(problems)
+    else:
+        assert len(problems) >= 5, problems
