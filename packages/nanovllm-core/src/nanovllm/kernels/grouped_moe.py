@@ -68,7 +68,7 @@ def _shared_memory(device_index: int) -> int:
 
 def tile_config(block_m: int, n: int, k: int, device: torch.device) -> dict:
     """Tiles, warps and pipeline stages, the best of tools/tune_grouped_moe.py on an H200: decode streams the
-    weights in long K tiles (3.3-4.4 TB/s), prefill uses square tiles (330-460 TFLOP/s). K tiles and stages
+    weights in long K tiles (3.3-4.3 TB/s), prefill uses square tiles (340-530 TFLOP/s). K tiles and stages
     shrink to fit smaller GPUs' shared memory (sm86: 100 KiB, sm75: 64 KiB)."""
     block_n, block_k, warps = (64, 256, 4) if block_m <= 16 else (128, 64, 8)
     block_n = min(block_n, max(16, triton.next_power_of_2(n)))
