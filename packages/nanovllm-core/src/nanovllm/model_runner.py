@@ -117,8 +117,7 @@ class ModelRunner:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode batch size -> captured step
         self.graph_vars: dict[str, torch.Tensor] | None = None  # the captured steps' input and output buffers
         self.num_kvcache_blocks = self._allocate_kv_cache(dtype, platform.device_type)
-        graphs_safe = backend_cls.cuda_graphs and all(
-            m.experts.cuda_graphs for m in self.model.modules() if isinstance(m, SparseMoE))
+        graphs_safe = backend_cls.cuda_graphs and all(m.experts.cuda_graphs for m in moe_layers)
         if platform.device_type == "cuda" and not config.enforce_eager and graphs_safe:
             self._capture_cuda_graphs()
         if platform.device_type == "cuda":

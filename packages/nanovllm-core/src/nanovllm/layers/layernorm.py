@@ -4,17 +4,18 @@ from torch import nn
 from nanovllm.layers.compile import compile_on_cuda
 
 
-@compile_on_cuda
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     variance = x.float().pow(2).mean(-1, keepdim=True)
     return (x.float() * torch.rsqrt(variance + eps)).to(x.dtype) * weight
+
+
+rms_norm = compile_on_cuda(_rms_norm)
 
 
 @compile_on_cuda
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     x = x + residual  # in the model dtype, as Hugging Face does
-    variance = x.float().pow(2).mean(-1, keepdim=True)
-    return (x.float() * torch.rsqrt(variance + eps)).to(x.dtype) * weight, x
+    return _rms_norm(x, weight, eps), x
 
 
 class RMSNorm(nn.Module):
