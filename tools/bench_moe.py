@@ -134,14 +134,16 @@ def run_config(path: str, name: str, budget_gib: float, steps: int) -> dict:
     if caches:
         result["slots_per_layer"] = caches[0].num_slots
 
+    def counters():
+        return [sum(getattr(c, k) for c in caches) for k in ("hits", "misses", "prefetches", "prefetch_hits")]
+
     def timed(prompts, max_tokens):
-        counters = [sum(getattr(c, k) for c in caches) for k in ("hits", "misses", "prefetches", "prefetch_hits")]
+        before = counters()
         start = time.perf_counter()
         outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
                                use_tqdm=False)
         seconds = time.perf_counter() - start
-        after = [sum(getattr(c, k) for c in caches) for k in ("hits", "misses", "prefetches", "prefetch_hits")]
-        return seconds, [b - a for a, b in zip(counters, after)], outputs
+        return seconds, [b - a for a, b in zip(before, counters())], outputs
 
     for batch in BATCHES:
         prompts = [[rng.randrange(MIXTRAL_8X7B["vocab_size"]) for _ in range(PROMPT_LEN)] for _ in range(batch)]

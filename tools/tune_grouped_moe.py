@@ -12,9 +12,10 @@ import itertools
 import torch
 from triton.testing import do_bench
 
+from bench_moe import E, H, I, MIXTRAL_8X7B
 from nanovllm.kernels import grouped_moe as g
 
-H, I, E, TOP_K = 4096, 14336, 8, 2
+TOP_K = MIXTRAL_8X7B["num_experts_per_tok"]
 # (block_m, block_n, block_k, warps, stages)
 DECODE = [(16, bn, bk, 4, s) for bn, bk, s in itertools.product((32, 64, 128), (128, 256), (3, 4, 5))]
 PREFILL = [(bm, bn, bk, w, 3) for bm, bn, bk, w in itertools.product((16, 64, 128), (64, 128), (64, 128), (4, 8))]
