@@ -1,6 +1,7 @@
 """Decode speed of a Mixtral-8x7B-shaped model with experts resident on the GPU or offloaded to host memory.
 
     python tools/bench_moe.py [--path DIR] [--layers N] [--budget-gib 11] [--steps 32] [--json FILE]
+                              [--managers resident offload-cached offload] [--profile]
 
 Writes (once) a checkpoint with Mixtral 8x7B's exact layer shape (hidden 4096, 8 experts of 14336, top 2,
 32 query and 8 KV heads, vocabulary 32000) and random bf16 weights, one safetensors file per layer, with as
@@ -16,6 +17,7 @@ per step counted in the offload-cached run, whose tokens and routing are the sam
 experts a step had to bring in (needed and not cached) at the host-to-device bandwidth measured here.
 Copy time hidden = 1 - (offload step - offload-cached step) / (time to copy what offload moved).
 Decode time is a run of 1 + steps tokens minus a run of 1 token (prefill only), prefix caching off.
+--profile adds, for each run, the GPU kernels of a batch-1 decode step (torch.profiler, CUDA graphs included).
 """
 import argparse
 import json
@@ -38,6 +40,7 @@ ATTENTION_BYTES = (2 * H * H + 2 * H * KV_DIM) * 2
 LAYER_BYTES = E * EXPERT_BYTES + ATTENTION_BYTES + (E * H + 2 * H) * 2
 OUTER_BYTES = 2 * MIXTRAL_8X7B["vocab_size"] * H * 2  # embedding and LM head
 BATCHES, PROMPT_LEN = (1, 16), 32
+MANAGERS = ["resident", "offload-cached", "offload"]
 KV_GIB, ACTIVATION_GIB, CUDA_CONTEXT_GIB = 0.35, 0.5, 0.5
 ENGINE = dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=512, kv_cache_memory_gib=KV_GIB,
               enable_prefix_caching=False)
@@ -107,7 +110,19 @@ def host_to_device_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return host.numel() / best
 
 
-def run_config(path: str, name: str, budget_gib: float, steps: int) -> dict:
+def kernel_profile(llm, prompt: list[int], steps: int, rows: int = 25) -> list[tuple[str, float, float]]:
+    """(kernel, launches per decode step, microseconds per decode step) of the costliest kernels at batch 1."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nanovllm import SamplingParams
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1 + steps, ignore_eos=True), use_tqdm=False)
+    kernels = [(e.key, e.count / steps, e.device_time_total / steps) for e in prof.key_averages()
+               if e.device_time_total > 0]
+    return sorted(kernels, key=lambda k: -k[2])[:rows]
+
+
+def run_config(path: str, name: str, budget_gib: float, steps: int, profile: bool) -> dict:
     """In a child process: decode seconds per step at each batch size, and the offload caches' counters."""
     import torch
 
@@ -157,6 +172,8 @@ def run_config(path: str, name: str, budget_gib: float, steps: int) -> dict:
             # per decode step, summed over layers
             "distinct_experts": (hits + misses) / steps, "misses": misses / steps, "prefetches": prefetches / steps,
             "prefetch_hits": prefetch_hits / steps}
+    if profile:
+        result["profile"] = kernel_profile(llm, prompts[0], steps)
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     free, total = torch.cuda.mem_get_info()
     result["device_used_gib"] = (total - free) / 2**30  # what the GPU reports: the allocator's pool and the context
@@ -165,9 +182,9 @@ def run_config(path: str, name: str, budget_gib: float, steps: int) -> dict:
     return result
 
 
-def child(path, name, budget_gib, steps):
+def child(path, name, budget_gib, steps, profile):
     cmd = [sys.executable, __file__, "--path", path, "--child", name, "--budget-gib", str(budget_gib),
-           "--steps", str(steps)]
+           "--steps", str(steps)] + (["--profile"] if profile else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
@@ -182,10 +199,14 @@ def main():
     parser.add_argument("--budget-gib", type=float, default=11.0, help="GPU memory for the offload run")
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed per batch size")
     parser.add_argument("--json")
+    parser.add_argument("--managers", nargs="+", choices=MANAGERS, default=MANAGERS,
+                        help="runs to make (the bounds need offload-cached; the table needs all three)")
+    parser.add_argument("--profile", action="store_true", help="print each run's kernels per batch-1 decode step")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print("RESULT " + json.dumps(run_config(args.path, args.child, args.budget_gib, args.steps)), flush=True)
+        print("RESULT " + json.dumps(run_config(args.path, args.child, args.budget_gib, args.steps, args.profile)),
+              flush=True)
         return
     import torch
     layers = args.layers or layers_the_disk_holds(args.path)
@@ -200,12 +221,18 @@ def main():
     print(f"host -> device: {bandwidth / 1e9:.1f} GB/s measured; HBM {hbm / 1e12 if hbm else float('nan'):.2f} TB/s "
           f"(datasheet)", flush=True)
     results = {}
-    for name in ("resident", "offload-cached", "offload"):
-        results[name] = child(args.path, name, args.budget_gib, args.steps)
+    for name in args.managers:
+        results[name] = child(args.path, name, args.budget_gib, args.steps, args.profile)
         print(f"{name}: loaded in {results[name]['load_seconds']:.0f} s, peak {results[name]['peak_gib']:.1f} GiB "
               f"allocated, {results[name]['device_used_gib']:.1f} GiB used on the GPU (of which "
               f"{results[name]['outside_allocator_gib']:.1f} GiB outside PyTorch's allocator)" + (f", {results[name]['slots_per_layer']} expert slots per layer"
                               if "slots_per_layer" in results[name] else ""), flush=True)
+        for kernel, launches, micros in results[name].get("profile", []):
+            print(f"  {micros:9.1f} us {launches:6.1f}x  {kernel[:110]}")
+        for batch, row in results[name]["batches"].items():
+            print(f"  batch {batch}: {row['tok_per_s']:.1f} tok/s", flush=True)
+    if set(MANAGERS) - set(args.managers):
+        return
     summary = {"device": gpu, "layers": layers, "h2d_bytes_per_s": bandwidth, "hbm_bytes_per_s": hbm,
                "budget_gib": args.budget_gib, "results": results, "batches": {}}
     print(f"\n batch  {'resident':>9} {'HBM bound':>10} {'of bound':>8}  {'offload':>8} {'copy bound':>10} "

@@ -216,9 +216,12 @@ class OffloadedExperts(ExpertManager):
 
     def forward(self, x, topk_weights, topk_ids):
         needed = sorted(topk_ids.unique().tolist(), key=lambda e: e not in self.slot_of)  # cached ones first
-        # CUDA: resident's grouped kernel over the slots, one output row per pair (so rounds give resident's sums)
-        pairs = torch.empty(topk_ids.numel(), x.size(1), dtype=x.dtype, device=x.device) if x.is_cuda else None
-        out = None if x.is_cuda else torch.zeros_like(x)
+        # CUDA: resident's grouped kernel over the slots, with its output rows (so rounds give resident's sums)
+        if x.is_cuda:
+            from nanovllm.kernels.grouped_moe import grouped_moe_pairs, pair_rows, sum_pair_rows
+            pairs = pair_rows(topk_ids, self.num_experts, self.w2_slots, x.dtype)
+        else:
+            out = torch.zeros_like(x)
         for start in range(0, len(needed), self.num_slots):  # in rounds when a step needs more than fit
             group = set(needed[start:start + self.num_slots])
             for expert in group:
@@ -232,7 +235,6 @@ class OffloadedExperts(ExpertManager):
                 if expert in self.copied:
                     torch.cuda.current_stream().wait_event(self.copied[expert])
             if x.is_cuda:
-                from nanovllm.kernels.grouped_moe import grouped_moe_pairs
                 slot_of_expert = [self.slot_of[e] if e in group else self.num_slots for e in range(self.num_experts)]
                 # pinned and non-blocking: the host must not wait here, or the next copy would start late
                 table = torch.tensor(slot_of_expert, pin_memory=True).to(x.device, non_blocking=True)
@@ -242,7 +244,7 @@ class OffloadedExperts(ExpertManager):
                 self.slots_read.record()
             else:
                 grouped_experts(x, topk_weights, topk_ids, self._slot_weights, out, only=group)
-        return pairs.view(*topk_ids.shape, -1).sum(dim=1) if x.is_cuda else out
+        return sum_pair_rows(pairs, x.size(0), x.dtype) if x.is_cuda else out
 
     def _slot_weights(self, expert: int):
         slot = self.slot_of[expert]

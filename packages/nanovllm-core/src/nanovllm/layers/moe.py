@@ -31,8 +31,11 @@ class SparseMoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k experts per token and their weights: softmax over all experts, then optionally renormalised."""
-        probs = self.gate(x).float().softmax(dim=-1)
-        weights, ids = probs.topk(self.top_k, dim=-1)
+        logits = self.gate(x)
+        if logits.is_cuda:  # the same in one kernel
+            from nanovllm.kernels.routing import top_k_routing
+            return top_k_routing(logits, self.top_k, self.normalize_topk)
+        weights, ids = logits.float().softmax(dim=-1).topk(self.top_k, dim=-1)
         if self.normalize_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights, ids
