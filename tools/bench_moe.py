@@ -222,14 +222,14 @@ def main():
           f"(datasheet)", flush=True)
     results = {}
     for name in args.managers:
-        results[name] = child(args.path, name, args.budget_gib, args.steps, args.profile)
-        print(f"{name}: loaded in {results[name]['load_seconds']:.0f} s, peak {results[name]['peak_gib']:.1f} GiB "
-              f"allocated, {results[name]['device_used_gib']:.1f} GiB used on the GPU (of which "
-              f"{results[name]['outside_allocator_gib']:.1f} GiB outside PyTorch's allocator)" + (f", {results[name]['slots_per_layer']} expert slots per layer"
-                              if "slots_per_layer" in results[name] else ""), flush=True)
-        for kernel, launches, micros in results[name].get("profile", []):
+        run = results[name] = child(args.path, name, args.budget_gib, args.steps, args.profile)
+        slots = f", {run['slots_per_layer']} expert slots per layer" if "slots_per_layer" in run else ""
+        print(f"{name}: loaded in {run['load_seconds']:.0f} s, peak {run['peak_gib']:.1f} GiB allocated, "
+              f"{run['device_used_gib']:.1f} GiB used on the GPU (of which {run['outside_allocator_gib']:.1f} GiB "
+              f"outside PyTorch's allocator){slots}", flush=True)
+        for kernel, launches, micros in run.get("profile", []):
             print(f"  {micros:9.1f} us {launches:6.1f}x  {kernel[:110]}")
-        for batch, row in results[name]["batches"].items():
+        for batch, row in run["batches"].items():
             print(f"  batch {batch}: {row['tok_per_s']:.1f} tok/s", flush=True)
     if set(MANAGERS) - set(args.managers):
         return
