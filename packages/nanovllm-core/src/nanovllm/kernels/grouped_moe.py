@@ -120,7 +120,7 @@ def _shared_memory(device_index: int) -> int:
 
 def tile_config(block_m: int, n: int, k: int, device: torch.device) -> dict:
     """Tiles, warps and pipeline stages, the best of tools/tune_grouped_moe.py on an H200: decode streams the
-    weights in long K tiles, 4 stages deep (3.5-4.4 TB/s), prefill uses square tiles (340-550 TFLOP/s). K tiles
+    weights in long K tiles (3.3-4.4 TB/s), prefill uses square tiles (340-550 TFLOP/s). K tiles
     and stages shrink to fit smaller GPUs' shared memory (sm86: 100 KiB, sm75: 64 KiB)."""
     block_n, block_k, warps = (64, 256, 4) if block_m <= 16 else (128, 64, 8)
     block_n = min(block_n, max(16, triton.next_power_of_2(n)))
@@ -130,7 +130,7 @@ def tile_config(block_m: int, n: int, k: int, device: torch.device) -> dict:
     shared = _shared_memory(device.index if device.index is not None else torch.cuda.current_device())
     while block_k > 32 and 2 * (block_m + block_n) * block_k * 2 > shared:
         block_k //= 2
-    stages = max(1, min(4 if block_m <= 16 else 3, shared // ((block_m + block_n) * block_k * 2)))
+    stages = max(1, min(3, shared // ((block_m + block_n) * block_k * 2)))
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
 
 
