@@ -12,6 +12,8 @@ CASES = {
     "mixed": [(30, 1), (0, 19), (16, 40), (50, 1)],
 }
 
+HEADS = [(4, 2), (4, 4), (8, 2), (6, 2), (32, 2)]  # (query heads, KV heads): groups of 2, 1, 4, 3 and 16
+
 
 def reference(q, k, v, scale):
     """Causal SDPA of the last q.size(0) positions over all k.size(0) keys; GQA by repetition."""
@@ -54,10 +56,11 @@ def check(module, seqs, device, dtype, head_dim=16, num_heads=4, num_kv_heads=2,
 def check_interpreted():
     from nanovllm_attn_fa1 import paged_attention
     for case, seqs in CASES.items():
-        try:
-            check(paged_attention, seqs, "cpu", torch.float32)
-        except AssertionError as exc:
-            raise AssertionError(f"{case}: {exc}") from None
+        for num_heads, num_kv_heads in HEADS:
+            try:
+                check(paged_attention, seqs, "cpu", torch.float32, num_heads=num_heads, num_kv_heads=num_kv_heads)
+            except AssertionError as exc:
+                raise AssertionError(f"{case}, {num_heads} heads over {num_kv_heads}: {exc}") from None
     real = paged_attention.paged_attention  # and the check fails when the kernel reads the wrong blocks
 
     def shifted_tables(q, kv_cache, cu_q, context_lens, tables, max_q, scale):
@@ -74,8 +77,10 @@ def test_paged_attention_interpreted_on_cpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("heads", HEADS)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("case", CASES)
-def test_paged_attention_on_gpu_fp16(case, head_dim):
+def test_paged_attention_on_gpu_fp16(case, head_dim, heads):
     from nanovllm_attn_fa1 import paged_attention
-    check(paged_attention, CASES[case], "cuda", torch.float16, head_dim=head_dim, num_heads=8, page=16, tol=2e-2)
+    check(paged_attention, CASES[case], "cuda", torch.float16, head_dim=head_dim, num_heads=heads[0],
+          num_kv_heads=heads[1], page=16, tol=2e-2)

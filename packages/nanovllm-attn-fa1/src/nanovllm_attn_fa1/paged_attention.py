@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+KEYS_PER_TILE = 64  # the best of 32, 64 and 128 for decode on an H200
+
 
 @triton.jit
 def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, context_lens_ptr,
@@ -12,25 +14,29 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens
                             scale, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                             BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr):
+    """One program per (sequence, KV head, tile of query tokens). A tile's rows are its tokens times the
+    GROUP query heads that share the KV head, so each K/V tile is read once for all of them."""
     seq = tl.program_id(0)
-    head = tl.program_id(1)
-    m_block = tl.program_id(2)
+    kv_head = tl.program_id(1)
+    TOKENS: tl.constexpr = BLOCK_M // GROUP
+    first = tl.program_id(2) * TOKENS
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
-    if m_block * BLOCK_M < q_len:
+    if first < q_len:
         k_len = tl.load(context_lens_ptr + seq)
-        offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.arange(0, BLOCK_M)
+        token = first + rows // GROUP
+        head = kv_head * GROUP + rows % GROUP
         offs_d = tl.arange(0, BLOCK_D)
-        m_mask = offs_m < q_len
+        m_mask = (token < q_len) & (rows < TOKENS * GROUP)
         d_mask = offs_d < HEAD_DIM
-        q = tl.load(q_ptr + (q_start + offs_m)[:, None] * q_stride_t + head * q_stride_h + offs_d[None, :],
+        q = tl.load(q_ptr + (q_start + token)[:, None] * q_stride_t + head[:, None] * q_stride_h + offs_d[None, :],
                     mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        q_pos = k_len - q_len + offs_m  # each query's position: it sees keys up to there
-        kv_head = head // GROUP
+        q_pos = k_len - q_len + token  # each query's position: it sees keys up to there
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        end = tl.minimum(k_len, k_len - q_len + (m_block + 1) * BLOCK_M)
+        end = tl.minimum(k_len, k_len - q_len + first + TOKENS)
         for start in range(0, end, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
@@ -51,7 +57,7 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         acc = acc / l_i[:, None]
-        tl.store(out_ptr + (q_start + offs_m)[:, None] * o_stride_t + head * o_stride_h + offs_d[None, :],
+        tl.store(out_ptr + (q_start + token)[:, None] * o_stride_t + head[:, None] * o_stride_h + offs_d[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
@@ -63,12 +69,15 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
     """
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads, page = kv_cache.shape[3], kv_cache.shape[2]
+    group = num_heads // num_kv_heads
     out = torch.empty_like(q)
-    block_m = 16  # the smallest tile tensor-core dots take; a decode uses one row of it
-    grid = (cu_seqlens_q.numel() - 1, num_heads, triton.cdiv(max_seqlen_q, block_m))
+    # 16 rows is the smallest tile tensor-core dots take (a decode fills GROUP of them); prefill chunks reuse
+    # each K/V tile for more query tokens
+    block_m = max(16 if max_seqlen_q == 1 else 64, triton.next_power_of_2(group))
+    grid = (cu_seqlens_q.numel() - 1, num_kv_heads, triton.cdiv(max_seqlen_q, block_m // group))
     _paged_attention_kernel[grid](
         q, kv_cache[0], kv_cache[1], out, cu_seqlens_q, context_lens, block_tables, q.stride(0), q.stride(1),
-        out.stride(0), out.stride(1), block_tables.stride(0), scale, NUM_KV_HEADS=num_kv_heads,
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        PAGE=page, BLOCK_M=block_m, BLOCK_N=32)
+        out.stride(0), out.stride(1), block_tables.stride(0), scale, NUM_KV_HEADS=num_kv_heads, GROUP=group,
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), PAGE=page, BLOCK_M=block_m,
+        BLOCK_N=KEYS_PER_TILE)
     return out
