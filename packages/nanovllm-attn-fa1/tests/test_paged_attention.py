@@ -26,7 +26,7 @@ def reference(q, k, v, scale):
     return out.transpose(0, 1)
 
 
-def check(module, seqs, device, dtype, head_dim=16, num_heads=4, num_kv_heads=2, page=8, tol=2e-3):
+def check(module, seqs, device, dtype, head_dim=16, num_heads=4, num_kv_heads=2, page=8, tol=2e-3, splits=None):
     """seqs: (cached tokens, new tokens) per sequence; K/V of all tokens already in a shuffled paged cache."""
     torch.manual_seed(0)
     scale = head_dim ** -0.5
@@ -48,7 +48,8 @@ def check(module, seqs, device, dtype, head_dim=16, num_heads=4, num_kv_heads=2,
         expected.append(reference(q, k, v, scale))
     cu_q = torch.tensor([0] + [n for _, n in seqs], device=device).cumsum(0).int()
     context_lens = torch.tensor([c + n for c, n in seqs], device=device, dtype=torch.int32)
-    out = module.paged_attention(torch.cat(queries), kv_cache, cu_q, context_lens, tables, max(n for _, n in seqs), scale)
+    out = module.paged_attention(torch.cat(queries), kv_cache, cu_q, context_lens, tables, max(n for _, n in seqs), scale,
+                                 splits)
     error = (out.float() - torch.cat(expected)).abs().max().item()
     assert error < tol, f"max error {error}"
 
@@ -61,10 +62,15 @@ def check_interpreted():
                 check(paged_attention, seqs, "cpu", torch.float32, num_heads=num_heads, num_kv_heads=num_kv_heads)
             except AssertionError as exc:
                 raise AssertionError(f"{case}, {num_heads} heads over {num_kv_heads}: {exc}") from None
+    for splits in (2, 3, 16):  # decode with the keys split (16: more splits than some sequences have tiles)
+        try:
+            check(paged_attention, CASES["decode"] + [(200, 1)], "cpu", torch.float32, splits=splits)
+        except AssertionError as exc:
+            raise AssertionError(f"decode in {splits} splits: {exc}") from None
     real = paged_attention.paged_attention  # and the check fails when the kernel reads the wrong blocks
 
-    def shifted_tables(q, kv_cache, cu_q, context_lens, tables, max_q, scale):
-        return real(q, kv_cache, cu_q, context_lens, tables.roll(1, dims=1), max_q, scale)
+    def shifted_tables(q, kv_cache, cu_q, context_lens, tables, max_q, scale, splits):
+        return real(q, kv_cache, cu_q, context_lens, tables.roll(1, dims=1), max_q, scale, splits)
     paged_attention.paged_attention = shifted_tables
     with pytest.raises(AssertionError, match="max error"):
         check(paged_attention, CASES["prefix-cached prefill"], "cpu", torch.float32)
@@ -74,6 +80,16 @@ def test_paged_attention_interpreted_on_cpu():
     """Every case in one interpreter process (each costs a Python start-up with torch)."""
     from conftest import run_interpreted
     run_interpreted(__file__, "check_interpreted")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [None, 3, 8])
+def test_paged_attention_splits_on_gpu_fp16(splits):
+    """Decode with the keys split: by default a batch this small gets splits."""
+    from nanovllm_attn_fa1 import paged_attention
+    assert paged_attention.key_splits(5, 2, torch.device("cuda")) > 1
+    check(paged_attention, CASES["decode"] + [(700, 1)], "cuda", torch.float16, head_dim=128, num_heads=8,
+          page=16, tol=2e-2, splits=splits)
 
 
 @pytest.mark.gpu

@@ -9,17 +9,20 @@ KEYS_PER_TILE = 64  # the best of 32, 64 and 128 for decode on an H200
 
 
 @triton.jit
-def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, context_lens_ptr,
-                            block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h, block_table_stride,
-                            scale, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                            BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
-                            BLOCK_N: tl.constexpr):
-    """One program per (sequence, KV head, tile of query tokens). A tile's rows are its tokens times the
-    GROUP query heads that share the KV head, so each K/V tile is read once for all of them."""
+def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, cu_seqlens_q_ptr,
+                            context_lens_ptr, block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h,
+                            block_table_stride, num_tokens, num_heads, scale, NUM_KV_HEADS: tl.constexpr,
+                            GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
+    """One program per (sequence, KV head, tile of query tokens, split of the keys). A tile's rows are its
+    tokens times the GROUP query heads that share the KV head, so each K/V tile is read once for all of
+    them. With SPLITS > 1 (decode only) each program writes its split's output and log-sum-exp for
+    _combine_splits_kernel."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2) % SPLITS
     TOKENS: tl.constexpr = BLOCK_M // GROUP
-    first = tl.program_id(2) * TOKENS
+    first = tl.program_id(2) // SPLITS * TOKENS
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
     if first < q_len:
@@ -37,7 +40,8 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         end = tl.minimum(k_len, k_len - q_len + first + TOKENS)
-        for start in range(0, end, BLOCK_N):
+        chunk = tl.cdiv(tl.cdiv(end, SPLITS), BLOCK_N) * BLOCK_N
+        for start in range(split * chunk, tl.minimum(end, (split + 1) * chunk), BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
             block_ids = tl.load(block_tables_ptr + seq * block_table_stride + offs_n // PAGE, mask=n_mask, other=0)
@@ -49,35 +53,84 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens
             qk = tl.dot(q, tl.trans(k)) * scale
             visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
             qk = tl.where(visible, qk, float("-inf"))
-            # Key 0 is visible to every row, so after the first tile each row's maximum is finite.
+            # A split's first key is visible to every row (splits are for decode; without them it is key 0),
+            # so after the first tile each row's maximum is finite.
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(qk - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-        acc = acc / l_i[:, None]
-        tl.store(out_ptr + (q_start + token)[:, None] * o_stride_t + head[:, None] * o_stride_h + offs_d[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+        mask = m_mask[:, None] & d_mask[None, :]
+        if SPLITS == 1:
+            tl.store(out_ptr + (q_start + token)[:, None] * o_stride_t + head[:, None] * o_stride_h + offs_d[None, :],
+                     (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+        else:  # a split past the end saw no key: weight zero in the combination
+            at = (split * num_tokens + q_start + token) * num_heads + head
+            tl.store(partial_ptr + at[:, None] * HEAD_DIM + offs_d[None, :],
+                     tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0), mask=mask)
+            tl.store(lse_ptr + at, tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf")), mask=m_mask)
+
+
+@triton.jit
+def _combine_splits_kernel(partial_ptr, lse_ptr, out_ptr, num_tokens, num_heads, o_stride_t, o_stride_h,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
+                           BLOCK_S: tl.constexpr):
+    """out = the splits' outputs weighted by exp(their log-sum-exp), for one (token, head)."""
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    splits = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    at = (splits * num_tokens + token) * num_heads + head
+    lse = tl.load(lse_ptr + at, mask=splits < SPLITS, other=float("-inf"))
+    weight = tl.exp(lse - tl.max(lse, 0))  # split 0 always saw key 0: the maximum is finite
+    partial = tl.load(partial_ptr + at[:, None] * HEAD_DIM + offs_d[None, :],
+                      mask=(splits[:, None] < SPLITS) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    out = tl.sum(partial * weight[:, None], 0) / tl.sum(weight, 0)
+    tl.store(out_ptr + token * o_stride_t + head * o_stride_h + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+def key_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Splits of the keys for a decode: enough programs for some two per SM when the batch is small."""
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(16, 2 * sms // (num_seqs * num_kv_heads)))
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
-                    block_tables: torch.Tensor, max_seqlen_q: int, scale: float) -> torch.Tensor:
+                    block_tables: torch.Tensor, max_seqlen_q: int, scale: float, splits: int | None = None
+                    ) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its paged cache (new keys already stored).
 
     q: [tokens, heads, head_dim]; kv_cache: [2, blocks, page, kv_heads, head_dim]. Returns [tokens, heads, head_dim].
+    ``splits``: how many parts each sequence's keys are split into for a decode (default: ``key_splits``).
     """
-    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, page = kv_cache.shape[3], kv_cache.shape[2]
-    group = num_heads // num_kv_heads
+    num_seqs, group = cu_seqlens_q.numel() - 1, num_heads // num_kv_heads
+    if max_seqlen_q > 1:
+        splits = 1
+    elif splits is None:
+        splits = key_splits(num_seqs, num_kv_heads, q.device)
     out = torch.empty_like(q)
+    partial, lse = out, out  # each split's output and log-sum-exp, when there are splits
+    if splits > 1:
+        partial = torch.empty(splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
     # 16 rows is the smallest tile tensor-core dots take (a decode fills GROUP of them); prefill chunks reuse
     # each K/V tile for more query tokens
     block_m = max(16 if max_seqlen_q == 1 else 64, triton.next_power_of_2(group))
-    grid = (cu_seqlens_q.numel() - 1, num_kv_heads, triton.cdiv(max_seqlen_q, block_m // group))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    grid = (num_seqs, num_kv_heads, triton.cdiv(max_seqlen_q, block_m // group) * splits)
     _paged_attention_kernel[grid](
-        q, kv_cache[0], kv_cache[1], out, cu_seqlens_q, context_lens, block_tables, q.stride(0), q.stride(1),
-        out.stride(0), out.stride(1), block_tables.stride(0), scale, NUM_KV_HEADS=num_kv_heads, GROUP=group,
-        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), PAGE=page, BLOCK_M=block_m,
-        BLOCK_N=KEYS_PER_TILE)
+        q, kv_cache[0], kv_cache[1], out, partial, lse, cu_seqlens_q, context_lens, block_tables, q.stride(0),
+        q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), num_tokens, num_heads, scale,
+        NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page, BLOCK_M=block_m,
+        BLOCK_N=KEYS_PER_TILE, SPLITS=splits)
+    if splits > 1:
+        _combine_splits_kernel[(num_tokens, num_heads)](
+            partial, lse, out, num_tokens, num_heads, out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d,
+            SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits))
     return out
