@@ -8,7 +8,7 @@ from nanovllm.platform import flash_attn_version
 
 class FlashAttention1(nanovllm.AttentionBackend):
     """Fresh prefills with ``flash_attn_unpadded_func``; decode, prefix-cached and chunked prefill and mixed
-    batches with a Triton paged-attention kernel (flash-attn 1 has no KV-cache API); K and V stored by
+    batches with core's Triton paged-attention kernel (flash-attn 1 has no KV-cache API); K and V stored by
     core's Triton kernel."""
 
     name = "fa1"
@@ -32,7 +32,7 @@ class FlashAttention1(nanovllm.AttentionBackend):
         super().__init__(num_heads, head_dim, num_kv_heads, scale)
         from flash_attn.flash_attn_interface import flash_attn_unpadded_func
         from nanovllm.kernels.store_kv import store_kv
-        from nanovllm_attn_fa1.paged_attention import paged_attention
+        from nanovllm.kernels.paged_attention import paged_attention
         self._unpadded, self._store_kv, self._paged = flash_attn_unpadded_func, store_kv, paged_attention
 
     def forward(self, q, k, v, kv_cache, context: Context):

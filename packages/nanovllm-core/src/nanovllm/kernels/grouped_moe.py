@@ -1,11 +1,10 @@
 """Mixture-of-experts in two grouped matmuls (Triton): the (token, expert) pairs are sorted by expert
 and padded to whole tiles, so every tile multiplies rows of one expert. No host sync: CUDA-graph safe."""
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels import multiprocessors, shared_memory
 from nanovllm.layers.activation import silu_and_mul
 from nanovllm.layers.compile import compile_on_cuda
 
@@ -113,11 +112,6 @@ def block_m_for(num_pairs: int) -> int:
     return 16 if num_pairs <= 256 else 128
 
 
-@functools.cache
-def _shared_memory(device_index: int) -> int:
-    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
-
-
 def tile_config(block_m: int, n: int, k: int, device: torch.device) -> dict:
     """Tiles, warps and pipeline stages, the best of tools/tune_grouped_moe.py on an H200: decode streams the
     weights in long K tiles (3.3-4.4 TB/s), prefill uses square tiles (340-550 TFLOP/s). K tiles
@@ -127,16 +121,11 @@ def tile_config(block_m: int, n: int, k: int, device: torch.device) -> dict:
     block_k = min(block_k, max(16, triton.next_power_of_2(k)))
     if device.type != "cuda":  # Triton's CPU interpreter: warps and stages do not apply
         return dict(BLOCK_N=block_n, BLOCK_K=block_k)
-    shared = _shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+    shared = shared_memory(device)
     while block_k > 32 and 2 * (block_m + block_n) * block_k * 2 > shared:
         block_k //= 2
     stages = max(1, min(3, shared // ((block_m + block_n) * block_k * 2)))
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
-
-
-@functools.cache
-def _multiprocessors(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def down_split_k(num_pairs: int, num_experts: int, w2: torch.Tensor) -> int:
@@ -148,7 +137,7 @@ def down_split_k(num_pairs: int, num_experts: int, w2: torch.Tensor) -> int:
     n, k = w2.shape[1], w2.shape[2]
     config = tile_config(block_m_for(num_pairs), n, k, w2.device)
     tiles = min(num_experts, num_pairs) * triton.cdiv(n, config["BLOCK_N"])
-    target = 4 * _multiprocessors(w2.device.index if w2.device.index is not None else torch.cuda.current_device())
+    target = 4 * multiprocessors(w2.device)
     split = 1
     while split < 8 and 2 * split * tiles <= target and 2 * split <= triton.cdiv(k, config["BLOCK_K"]):
         split *= 2

@@ -1,5 +1,6 @@
-"""The Triton paged-attention kernel of the fa1 backend against torch SDPA: under TRITON_INTERPRET=1
-on CPU (CI) and compiled on a GPU, for prefill, prefix-cached and chunked prefill, decode and mixed batches."""
+"""The Triton paged-attention kernel (the fa1 backend's, and the fa2 backend's for decode) against torch SDPA:
+under TRITON_INTERPRET=1 on CPU (CI) and compiled on a GPU, for prefill, prefix-cached and chunked prefill,
+decode (keys whole or split) and mixed batches."""
 
 import pytest
 import torch
@@ -54,8 +55,19 @@ def check(module, seqs, device, dtype, head_dim=16, num_heads=4, num_kv_heads=2,
     assert error < tol, f"max error {error}"
 
 
+def check_padding_rows(module, device, dtype, splits, head_dim=16, page=8):
+    """A CUDA graph pads a decode batch with rows of context length 0: they come out as zeros, not NaN."""
+    kv_cache = torch.randn(2, 4, page, 2, head_dim, device=device).to(dtype)
+    q = torch.randn(3, 4, head_dim, device=device).to(dtype)
+    cu_q = torch.arange(4, device=device, dtype=torch.int32)
+    context_lens = torch.tensor([5, 0, 0], device=device, dtype=torch.int32)
+    tables = torch.tensor([[1, 2], [0, 0], [0, 0]], device=device, dtype=torch.int32)
+    out = module.paged_attention(q, kv_cache, cu_q, context_lens, tables, 1, head_dim ** -0.5, splits)
+    assert out[0].isfinite().all() and (out[1:] == 0).all(), f"padding rows: {out[1:]}"
+
+
 def check_interpreted():
-    from nanovllm_attn_fa1 import paged_attention
+    from nanovllm.kernels import paged_attention
     for case, seqs in CASES.items():
         for num_heads, num_kv_heads in HEADS:
             try:
@@ -67,6 +79,8 @@ def check_interpreted():
             check(paged_attention, CASES["decode"] + [(200, 1)], "cpu", torch.float32, splits=splits)
         except AssertionError as exc:
             raise AssertionError(f"decode in {splits} splits: {exc}") from None
+    for splits in (1, 4):
+        check_padding_rows(paged_attention, "cpu", torch.float32, splits)
     real = paged_attention.paged_attention  # and the check fails when the kernel reads the wrong blocks
 
     def shifted_tables(q, kv_cache, cu_q, context_lens, tables, max_q, scale, splits):
@@ -86,10 +100,11 @@ def test_paged_attention_interpreted_on_cpu():
 @pytest.mark.parametrize("splits", [None, 3, 8])
 def test_paged_attention_splits_on_gpu_fp16(splits):
     """Decode with the keys split: by default a batch this small gets splits."""
-    from nanovllm_attn_fa1 import paged_attention
+    from nanovllm.kernels import paged_attention
     assert paged_attention.key_splits(5, 2, torch.device("cuda")) > 1
     check(paged_attention, CASES["decode"] + [(700, 1)], "cuda", torch.float16, head_dim=128, num_heads=8,
           page=16, tol=2e-2, splits=splits)
+    check_padding_rows(paged_attention, "cuda", torch.float16, splits)
 
 
 @pytest.mark.gpu
@@ -97,6 +112,6 @@ def test_paged_attention_splits_on_gpu_fp16(splits):
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("case", CASES)
 def test_paged_attention_on_gpu_fp16(case, head_dim, heads):
-    from nanovllm_attn_fa1 import paged_attention
+    from nanovllm.kernels import paged_attention
     check(paged_attention, CASES[case], "cuda", torch.float16, head_dim=head_dim, num_heads=heads[0],
           num_kv_heads=heads[1], page=16, tol=2e-2)

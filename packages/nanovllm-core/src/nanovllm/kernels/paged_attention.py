@@ -1,11 +1,12 @@
-"""Paged attention in Triton for flash-attn 1, which has no KV-cache API: decode, prefix-cached and
-chunked prefill, and mixed batches. It uses only what Turing (sm75) has: fp16 tensor-core dots,
-fp32 accumulation, no bf16 and no sm80+ instructions."""
+"""Paged attention in Triton: decode, prefix-cached and chunked prefill, and mixed batches over the paged KV
+cache. The fa1 backend needs it (flash-attn 1 has no KV-cache API), so it uses only what Turing (sm75) has:
+fp16 tensor-core dots, fp32 accumulation, no sm80+ instructions. The fa2 backend decodes with it too: on an
+H200 it matches or beats flash-attn 2's ``flash_attn_with_kvcache`` (benchmarks/RESULTS.md)."""
 import torch
 import triton
 import triton.language as tl
 
-KEYS_PER_TILE = 64  # the best of 32, 64 and 128 for decode on an H200
+from nanovllm.kernels import multiprocessors, shared_memory
 
 
 @triton.jit
@@ -62,13 +63,14 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_pt
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         mask = m_mask[:, None] & d_mask[None, :]
+        # A row that saw no key (a CUDA graph's padding has context length 0) gets zeros, not 0 / 0
+        out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
         if SPLITS == 1:
             tl.store(out_ptr + (q_start + token)[:, None] * o_stride_t + head[:, None] * o_stride_h + offs_d[None, :],
-                     (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
-        else:  # a split past the end saw no key: weight zero in the combination
+                     out.to(out_ptr.dtype.element_ty), mask=mask)
+        else:  # and a split that saw no key weighs nothing in the combination
             at = (split * num_tokens + q_start + token) * num_heads + head
-            tl.store(partial_ptr + at[:, None] * HEAD_DIM + offs_d[None, :],
-                     tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0), mask=mask)
+            tl.store(partial_ptr + at[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask)
             tl.store(lse_ptr + at, tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf")), mask=m_mask)
 
 
@@ -83,10 +85,12 @@ def _combine_splits_kernel(partial_ptr, lse_ptr, out_ptr, num_tokens, num_heads,
     offs_d = tl.arange(0, BLOCK_D)
     at = (splits * num_tokens + token) * num_heads + head
     lse = tl.load(lse_ptr + at, mask=splits < SPLITS, other=float("-inf"))
-    weight = tl.exp(lse - tl.max(lse, 0))  # split 0 always saw key 0: the maximum is finite
+    seen = lse > float("-inf")  # none for a CUDA graph's padding rows
+    weight = tl.where(seen, tl.exp(lse - tl.max(lse, 0)), 0.0)
     partial = tl.load(partial_ptr + at[:, None] * HEAD_DIM + offs_d[None, :],
                       mask=(splits[:, None] < SPLITS) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    out = tl.sum(partial * weight[:, None], 0) / tl.sum(weight, 0)
+    total = tl.sum(weight, 0)
+    out = tl.sum(partial * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + token * o_stride_t + head * o_stride_h + offs_d, out.to(out_ptr.dtype.element_ty),
              mask=offs_d < HEAD_DIM)
 
@@ -95,8 +99,13 @@ def key_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
     """Splits of the keys for a decode: enough programs for some two per SM when the batch is small."""
     if device.type != "cuda":
         return 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(16, 2 * sms // (num_seqs * num_kv_heads)))
+    return max(1, min(16, 2 * multiprocessors(device) // (num_seqs * num_kv_heads)))
+
+
+def keys_per_tile(block_d: int, device: torch.device) -> int:
+    """64 (the best of 32, 64 and 128 for decode on an H200) where two stages of K and V tiles fit in shared
+    memory with room to spare, else 32 (a Turing GPU at head size 128)."""
+    return 64 if device.type != "cuda" or 2 * 2 * 64 * block_d * 2 < shared_memory(device) else 32
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
@@ -128,7 +137,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
         q, kv_cache[0], kv_cache[1], out, partial, lse, cu_seqlens_q, context_lens, block_tables, q.stride(0),
         q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), num_tokens, num_heads, scale,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page, BLOCK_M=block_m,
-        BLOCK_N=KEYS_PER_TILE, SPLITS=splits)
+        BLOCK_N=keys_per_tile(block_d, q.device), SPLITS=splits)
     if splits > 1:
         _combine_splits_kernel[(num_tokens, num_heads)](
             partial, lse, out, num_tokens, num_heads, out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d,
