@@ -102,10 +102,17 @@ def key_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
     return max(1, min(16, 2 * multiprocessors(device) // (num_seqs * num_kv_heads)))
 
 
-def keys_per_tile(block_d: int, device: torch.device) -> int:
-    """64 (the best of 32, 64 and 128 for decode on an H200) where two stages of K and V tiles fit in shared
-    memory with room to spare, else 32 (a Turing GPU at head size 128)."""
-    return 64 if device.type != "cuda" or 2 * 2 * 64 * block_d * 2 < shared_memory(device) else 32
+def tile_config(block_m: int, block_d: int, device: torch.device) -> dict:
+    """Keys per K/V tile and pipeline stages: 64 keys in 3 stages (the best of 32, 64 and 128 keys for decode
+    on an H200) where the stages of K and V tiles fit in shared memory beside the query tile, else fewer (on
+    a Turing GPU at head size 128: 32 keys in 2 stages). Only the H200's choice has been measured."""
+    if device.type != "cuda":  # Triton's CPU interpreter: stages do not apply
+        return dict(BLOCK_N=64)
+    shared = shared_memory(device)
+    for block_n, stages in ((64, 3), (64, 2), (32, 2), (16, 2)):
+        if (stages * 2 * block_n + 2 * block_m) * block_d * 2 <= shared:  # K, V stages; Q and a margin as large
+            return dict(BLOCK_N=block_n, num_stages=stages)
+    return dict(BLOCK_N=16, num_stages=1)
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
@@ -137,7 +144,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
         q, kv_cache[0], kv_cache[1], out, partial, lse, cu_seqlens_q, context_lens, block_tables, q.stride(0),
         q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), num_tokens, num_heads, scale,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page, BLOCK_M=block_m,
-        BLOCK_N=keys_per_tile(block_d, q.device), SPLITS=splits)
+        SPLITS=splits, **tile_config(block_m, block_d, q.device))
     if splits > 1:
         _combine_splits_kernel[(num_tokens, num_heads)](
             partial, lse, out, num_tokens, num_heads, out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d,
