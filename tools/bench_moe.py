@@ -17,7 +17,8 @@ per step counted in the offload-cached run, whose tokens and routing are the sam
 experts a step had to bring in (needed and not cached) at the host-to-device bandwidth measured here.
 Copy time hidden = 1 - (offload step - offload-cached step) / (time to copy what offload moved).
 Decode time is a run of 1 + steps tokens minus a run of 1 token (prefill only), prefix caching off.
---profile adds, for each run, the GPU kernels of a batch-1 decode step (torch.profiler, CUDA graphs included).
+--profile adds, for each run, the GPU kernels of a batch-1 run of 1 + steps tokens divided by steps: per decode
+step, with the prefill's share (torch.profiler, CUDA graphs included).
 """
 import argparse
 import json
@@ -111,7 +112,8 @@ def host_to_device_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
 
 
 def kernel_profile(llm, prompt: list[int], steps: int, rows: int = 25) -> list[tuple[str, float, float]]:
-    """(kernel, launches per decode step, microseconds per decode step) of the costliest kernels at batch 1."""
+    """(kernel, launches, microseconds) per decode step of the costliest kernels at batch 1, the prefill's
+    share included."""
     from torch.profiler import ProfilerActivity, profile
 
     from nanovllm import SamplingParams
@@ -231,7 +233,10 @@ def main():
             print(f"  {micros:9.1f} us {launches:6.1f}x  {kernel[:110]}")
         for batch, row in run["batches"].items():
             print(f"  batch {batch}: {row['tok_per_s']:.1f} tok/s", flush=True)
-    if set(MANAGERS) - set(args.managers):
+    if set(MANAGERS) - set(args.managers):  # no bounds without all three runs: the runs alone
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": gpu, "layers": layers, "results": results}, f, indent=1)
         return
     summary = {"device": gpu, "layers": layers, "h2d_bytes_per_s": bandwidth, "hbm_bytes_per_s": hbm,
                "budget_gib": args.budget_gib, "results": results, "batches": {}}

@@ -49,8 +49,8 @@ def check(module, seqs, device, dtype, head_dim=16, num_heads=4, num_kv_heads=2,
         expected.append(reference(q, k, v, scale))
     cu_q = torch.tensor([0] + [n for _, n in seqs], device=device).cumsum(0).int()
     context_lens = torch.tensor([c + n for c, n in seqs], device=device, dtype=torch.int32)
-    out = module.paged_attention(torch.cat(queries), kv_cache, cu_q, context_lens, tables, max(n for _, n in seqs), scale,
-                                 splits)
+    max_q = max(n for _, n in seqs)
+    out = module.paged_attention(torch.cat(queries), kv_cache, cu_q, context_lens, tables, max_q, scale, splits)
     error = (out.float() - torch.cat(expected)).abs().max().item()
     assert error < tol, f"max error {error}"
 
@@ -74,6 +74,8 @@ def check_interpreted():
                 check(paged_attention, seqs, "cpu", torch.float32, num_heads=num_heads, num_kv_heads=num_kv_heads)
             except AssertionError as exc:
                 raise AssertionError(f"{case}, {num_heads} heads over {num_kv_heads}: {exc}") from None
+    check(paged_attention, CASES["mixed"], "cpu", torch.float32, head_dim=24, num_heads=6)  # 24: not a power of 2
+    check(paged_attention, CASES["decode"], "cpu", torch.float32, head_dim=24, num_heads=6, splits=3)
     for splits in (2, 3, 16):  # decode with the keys split (16: more splits than some sequences have tiles)
         try:
             check(paged_attention, CASES["decode"] + [(200, 1)], "cpu", torch.float32, splits=splits)
@@ -115,3 +117,12 @@ def test_paged_attention_on_gpu_fp16(case, head_dim, heads):
     from nanovllm.kernels import paged_attention
     check(paged_attention, CASES[case], "cuda", torch.float16, head_dim=head_dim, num_heads=heads[0],
           num_kv_heads=heads[1], page=16, tol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [96, 256])
+@pytest.mark.parametrize("case", CASES)
+def test_paged_attention_on_gpu_bf16(case, head_dim):
+    """bf16 and head sizes fa2 takes beyond 64 and 128 (the fa2 backend decodes with this kernel)."""
+    from nanovllm.kernels import paged_attention
+    check(paged_attention, CASES[case], "cuda", torch.bfloat16, head_dim=head_dim, num_heads=8, page=16, tol=5e-2)

@@ -8,7 +8,9 @@ from nanovllm.kernels import multiprocessors, shared_memory
 from nanovllm.layers.activation import silu_and_mul
 from nanovllm.layers.compile import compile_on_cuda
 
-SORT_IN_ONE_PROGRAM = 256  # pairs up to which one Triton program sorts them (decode); more go through torch
+# One Triton program sorts the pairs while its [pairs or tiles, experts] tables stay this small (decode steps of
+# Mixtral or Qwen2-MoE); larger steps, and Qwen3-MoE's 128 experts, go through torch
+SORT_IN_ONE_PROGRAM = 8192
 
 
 @triton.jit
@@ -70,7 +72,10 @@ def sort_pairs_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int)
     """(pair ids grouped by expert, each group padded with ``num_pairs`` to whole ``block_m`` tiles; the expert
     of each tile, -1 past the end). Pairs whose id is ``num_experts`` get no tile (skipped). Sizes are the
     worst case, so nothing waits for the device."""
-    sort = _sort_pairs_in_one_program if topk_ids.numel() <= SORT_IN_ONE_PROGRAM else _sort_pairs_with_torch
+    num_pairs = topk_ids.numel()
+    table = max(num_pairs, _max_tiles(num_pairs, num_experts, block_m))
+    small = triton.next_power_of_2(table) * triton.next_power_of_2(num_experts) <= SORT_IN_ONE_PROGRAM
+    sort = _sort_pairs_in_one_program if small else _sort_pairs_with_torch
     return sort(topk_ids.flatten().contiguous(), num_experts, block_m)
 
 
@@ -114,7 +119,7 @@ def block_m_for(num_pairs: int) -> int:
 
 def tile_config(block_m: int, n: int, k: int, device: torch.device) -> dict:
     """Tiles, warps and pipeline stages, the best of tools/tune_grouped_moe.py on an H200: decode streams the
-    weights in long K tiles (3.3-4.4 TB/s), prefill uses square tiles (340-550 TFLOP/s). K tiles
+    weights in long K tiles (3.5-4.4 TB/s), prefill uses square tiles (330-550 TFLOP/s). K tiles
     and stages shrink to fit smaller GPUs' shared memory (sm86: 100 KiB, sm75: 64 KiB)."""
     block_n, block_k, warps = (64, 256, 4) if block_m <= 16 else (128, 64, 8)
     block_n = min(block_n, max(16, triton.next_power_of_2(n)))
@@ -138,8 +143,13 @@ def down_split_k(num_pairs: int, num_experts: int, w2: torch.Tensor) -> int:
     config = tile_config(block_m_for(num_pairs), n, k, w2.device)
     tiles = min(num_experts, num_pairs) * triton.cdiv(n, config["BLOCK_N"])
     target = 4 * multiprocessors(w2.device)
+    k_tiles = triton.cdiv(k, config["BLOCK_K"])
+
+    def all_busy(splits):  # the kernel rounds each split's share of K up to whole tiles: none may be left empty
+        return triton.cdiv(k_tiles, triton.cdiv(k_tiles, splits)) == splits
+
     split = 1
-    while split < 8 and 2 * split * tiles <= target and 2 * split <= triton.cdiv(k, config["BLOCK_K"]):
+    while split < 8 and 2 * split * tiles <= target and all_busy(2 * split):
         split *= 2
     return split
 

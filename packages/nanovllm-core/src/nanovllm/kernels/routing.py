@@ -23,6 +23,7 @@ def _top_k_routing_kernel(logits_ptr, weights_ptr, ids_ptr, tokens, num_experts,
     for j in tl.static_range(TOP_K):  # take the largest, then hide it
         best = tl.max(probs, axis=1)
         best_id = tl.min(tl.where(probs == best[:, None], experts[None, :], EXPERTS), axis=1)
+        best_id = tl.minimum(best_id, num_experts - 1)  # a NaN row matches nothing: still name a real expert
         top_weights = tl.where(slots[None, :] == j, best[:, None], top_weights)
         top_ids = tl.where(slots[None, :] == j, best_id[:, None], top_ids)
         probs = tl.where(experts[None, :] == best_id[:, None], -1.0, probs)
