@@ -1,0 +1,64 @@
+"""Decode attention alone: core's Triton paged-attention kernel against flash-attn 2's flash_attn_with_kvcache.
+
+    python tools/bench_paged_attention.py [--baseline FILE]
+
+For a few decode shapes (fp16, head size 128, page 256, every sequence at the same length, blocks shuffled):
+the kernel with its default key splits, the kernel without splits, flash_attn_with_kvcache on the same cache
+and, with --baseline, the ``paged_attention`` of another file (e.g. an older version, to compare in one run).
+Times from triton.testing.do_bench; each output's largest difference from flash-attn 2's is printed beside it.
+"""
+import argparse
+import importlib.util
+
+import torch
+from triton.testing import do_bench
+
+# (query heads, KV heads, sequences, tokens per sequence)
+SHAPES = [(16, 8, 1, 4096), (16, 8, 4, 4096), (16, 8, 16, 2048), (32, 8, 1, 8192), (16, 8, 128, 1024)]
+HEAD_DIM, PAGE = 128, 256
+
+
+def load_paged_attention(path: str):
+    spec = importlib.util.spec_from_file_location("baseline_paged_attention", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.paged_attention
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--baseline", help="a file whose paged_attention(q, kv_cache, cu_seqlens_q, ...) to time too")
+    args = parser.parse_args()
+    from flash_attn import flash_attn_with_kvcache
+
+    from nanovllm.kernels.paged_attention import key_splits, paged_attention
+    torch.manual_seed(0)
+    print(torch.cuda.get_device_name())
+    for heads, kv_heads, seqs, tokens in SHAPES:
+        blocks_per_seq = -(-tokens // PAGE)
+        cache = torch.randn(2, seqs * blocks_per_seq, PAGE, kv_heads, HEAD_DIM, device="cuda", dtype=torch.float16)
+        tables = torch.randperm(seqs * blocks_per_seq, device="cuda").view(seqs, blocks_per_seq).int()
+        q = torch.randn(seqs, heads, HEAD_DIM, device="cuda", dtype=torch.float16)
+        cu_seqlens_q = torch.arange(seqs + 1, device="cuda", dtype=torch.int32)
+        lens = torch.full((seqs,), tokens, device="cuda", dtype=torch.int32)
+        scale = HEAD_DIM ** -0.5
+        runs = {
+            "ours": lambda: paged_attention(q, cache, cu_seqlens_q, lens, tables, 1, scale),
+            "ours, no splits": lambda: paged_attention(q, cache, cu_seqlens_q, lens, tables, 1, scale, 1),
+            "flash-attn 2": lambda: flash_attn_with_kvcache(q.unsqueeze(1), cache[0], cache[1], cache_seqlens=lens,
+                                                           block_table=tables, causal=True).squeeze(1)}
+        if args.baseline:
+            baseline = load_paged_attention(args.baseline)
+            runs["baseline"] = lambda: baseline(q, cache, cu_seqlens_q, lens, tables, 1, scale)
+        reference = runs["flash-attn 2"]().float()
+        kv_bytes = 2 * seqs * tokens * kv_heads * HEAD_DIM * 2
+        line = f"{heads}/{kv_heads} heads, {seqs} x {tokens} tokens ({key_splits(seqs, kv_heads, q.device)} splits):"
+        for name, run in runs.items():
+            error = (run().float() - reference).abs().max().item()
+            ms = do_bench(run)
+            line += f"  {name} {ms * 1e3:.0f} us {kv_bytes / ms / 1e6:.0f} GB/s (diff {error:.3f})"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
