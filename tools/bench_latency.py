@@ -74,7 +74,7 @@ def main():
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     import torch
-    from nanovllm.random_checkpoint import QWEN3_0_6B, make_random_checkpoint
+    from nanovllm.testing import QWEN3_0_6B, make_random_checkpoint
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as folder:
         model = args.model or make_random_checkpoint(os.path.join(folder, "m"), dtype=torch.bfloat16, **QWEN3_0_6B)

@@ -63,7 +63,7 @@ def write_checkpoint(path: str, layers: int):
     from safetensors.torch import save_file
     from transformers import MixtralConfig
 
-    from nanovllm.random_checkpoint import make_tokenizer
+    from nanovllm.testing import make_tokenizer
     if os.path.exists(os.path.join(path, "config.json")) and num_layers(path) == layers:
         return
     shutil.rmtree(path, ignore_errors=True)
@@ -129,7 +129,7 @@ def run_config(path: str, name: str, budget_gib: float, steps: int, profile: boo
     import torch
 
     from nanovllm import LLM, SamplingParams
-    from nanovllm.experts import OffloadedExperts
+    from nanovllm.default_plugins.expert_managers import OffloadedExperts
     layers = num_layers(path)
     options = dict(ENGINE)
     if name == "resident":

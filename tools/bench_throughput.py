@@ -105,7 +105,7 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         model = args.model
         if model is None:
-            from nanovllm.random_checkpoint import QWEN3_0_6B, make_random_checkpoint
+            from nanovllm.testing import QWEN3_0_6B, make_random_checkpoint
             model = make_random_checkpoint(os.path.join(folder, "qwen3-0.6b-random"), "Qwen3ForCausalLM",
                                            dtype=torch.bfloat16, **QWEN3_0_6B)
         prompts, max_tokens = make_workload(args.num_seqs, args.input_len, args.output_len)

@@ -51,8 +51,8 @@ def main():
     parser.add_argument("--model")
     parser.add_argument("--num-seqs", type=int, default=256)
     args = parser.parse_args()
-    from nanovllm.bench import make_workload
-    from nanovllm.random_checkpoint import QWEN3_0_6B, make_random_checkpoint
+    from nanovllm.cli.bench import make_workload
+    from nanovllm.testing import QWEN3_0_6B, make_random_checkpoint
     prompts, params = make_workload(args.num_seqs, (100, 1024), (100, 1024))
     print(torch.cuda.get_device_name(0))
     with tempfile.TemporaryDirectory() as folder:

@@ -7,9 +7,9 @@ import torch
 
 import nanovllm_attn_fa1
 import nanovllm_attn_fa2
-from nanovllm.attention import select_backend
+from nanovllm.attention_backend import select_backend
 from nanovllm.config import Config
-from nanovllm.info import backend_report, platform_report
+from nanovllm.cli.info import backend_report, platform_report
 from nanovllm.platform import Platform
 from nanovllm_attn_mps import TorchPagedAttention
 
@@ -88,7 +88,7 @@ def test_bf16_checkpoint_runs_in_fp16_on_turing(tiny_checkpoint, monkeypatch, ca
 
 def test_info_names_the_gpu_family_and_choice(fa1_installed, monkeypatch):
     monkeypatch.delenv("NANOVLLM_ATTENTION_BACKEND", raising=False)
-    monkeypatch.setattr("nanovllm.info.plugins.attention_backends", lambda: fa1_installed)
+    monkeypatch.setattr("nanovllm.cli.info.plugins.attention_backends", lambda: fa1_installed)
     platform_lines = "\n".join(platform_report(TURING))
     assert "RTX 2080 Ti" in platform_lines and "compute capability 7.5 (Turing)" in platform_lines
     assert "flash-attn: " in platform_lines

@@ -3,7 +3,7 @@ flash_attn_unpadded_func against torch SDPA. On the sm90 machines here fa1 is as
 import pytest
 import torch
 
-from conftest import GPU_MODES, GPU_TINY, check_gpu_greedy_matches_hf
+from nanovllm.testing import GPU_MODES, GPU_TINY, check_gpu_greedy_matches_hf
 
 pytestmark = pytest.mark.gpu
 GPU_TINY = {**GPU_TINY, "dtype": torch.float16}

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import GPU_MODES, GPU_TINY, check_gpu_greedy_matches_hf
-from nanovllm.context import Context
+from nanovllm.testing import GPU_MODES, GPU_TINY, check_gpu_greedy_matches_hf
+from nanovllm.engine.context import Context
 
 pytestmark = pytest.mark.gpu
 BLOCK = 256
@@ -28,7 +28,7 @@ def run_case(seqs, head_dim, num_heads=8, num_kv_heads=2, dtype=torch.bfloat16):
     """seqs: (cached tokens, new tokens) per sequence. Returns max error against the reference."""
     from nanovllm_attn_fa2 import FlashAttention2
     device, scale = "cuda", head_dim ** -0.5
-    backend = FlashAttention2(num_heads, head_dim, num_kv_heads, scale)
+    backend = FlashAttention2(num_heads, head_dim, num_kv_heads, scale, None)
     max_blocks = max(-(-(c + n) // BLOCK) for c, n in seqs)
     num_blocks = len(seqs) * max_blocks + 3
     kv_cache = torch.randn(2, num_blocks, BLOCK, num_kv_heads, head_dim, device=device, dtype=dtype)
@@ -83,7 +83,7 @@ def test_greedy_matches_hf_bf16(model, mode, tiny_checkpoint):
 def test_tensor_parallel_2_same_first_tokens(tiny_checkpoint):
     """TP=2 over NCCL: the first token of every prompt equals TP=1's, and every token is HF's argmax
     (up to bf16 near-ties: a different reduction order may flip a near-tie later on)."""
-    from conftest import hf_greedy_mismatches
+    from nanovllm.testing import hf_greedy_mismatches
     from nanovllm import LLM, SamplingParams
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs (nvidia-h200-x2)")

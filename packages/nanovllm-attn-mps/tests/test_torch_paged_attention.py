@@ -1,6 +1,6 @@
 """TorchPagedAttention against a plain per-sequence causal SDPA reference, on CPU.
 
-Every forward test builds the step exactly as the model runner does (see nanovllm.context.Context):
+Every forward test builds the step exactly as the model runner does (see nanovllm.engine.context.Context):
 a paged KV cache [2, num_blocks, block_size, num_kv_heads, head_dim], block tables of shuffled,
 non-contiguous block ids padded with 0, the slot of each new token, cu_seqlens_q/k, context_lens,
 max_seqlen_q/k and is_decode. The reference runs full causal attention over each sequence's whole
@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanovllm.attention import select_backend
-from nanovllm.context import Context
+from nanovllm.attention_backend import select_backend
+from nanovllm.engine.context import Context
 from nanovllm.platform import Platform
 from nanovllm_attn_mps import TorchPagedAttention, register_attention_backends, store_kv
 
@@ -129,7 +129,7 @@ def reference(seq: Seq, start: int, count: int) -> torch.Tensor:
 
 
 def backend() -> TorchPagedAttention:
-    return TorchPagedAttention(NUM_HEADS, HEAD_DIM, NUM_KV_HEADS, SCALE)
+    return TorchPagedAttention(NUM_HEADS, HEAD_DIM, NUM_KV_HEADS, SCALE, None)
 
 
 def run_and_check(runs, cache, block_size, tol=F32_TOL):

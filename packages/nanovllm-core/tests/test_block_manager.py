@@ -1,9 +1,9 @@
 """BlockManager: paged KV block allocation, reference counts and the hash-chained prefix cache."""
 import pytest
 
-from nanovllm.block_manager import BlockManager, chain_hash
+from nanovllm.engine.block_manager import BlockManager, chain_hash
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.sequence import Sequence
+from nanovllm.engine.sequence import Sequence
 
 BS = 4  # block size used throughout
 

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nanovllm.experts import OffloadedExperts, ResidentExperts
+from nanovllm.default_plugins.expert_managers import OffloadedExperts, ResidentExperts
 
 NAMES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 E, H, I = 4, 8, 16

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nanovllm.experts import grouped_experts
+from nanovllm.default_plugins.expert_managers import grouped_experts
 
 
 def check(grouped_moe, device, dtype, tokens=13, hidden=32, inter=24, experts=5, top_k=2, tol=1e-4):
@@ -85,7 +85,7 @@ def check_interpreted():
 
 
 def test_grouped_moe_interpreted_on_cpu():
-    from conftest import run_interpreted
+    from nanovllm.testing import run_interpreted
     run_interpreted(__file__, "check_interpreted")
 
 

@@ -94,7 +94,7 @@ def check_interpreted():
 
 def test_paged_attention_interpreted_on_cpu():
     """Every case in one interpreter process (each costs a Python start-up with torch)."""
-    from conftest import run_interpreted
+    from nanovllm.testing import run_interpreted
     run_interpreted(__file__, "check_interpreted")
 
 

@@ -10,7 +10,7 @@ import torch
 
 import nanovllm
 from nanovllm import hookspecs, plugins
-from nanovllm.attention import AttentionBackend, recommended_package, select_backend
+from nanovllm.attention_backend import AttentionBackend, recommended_package, select_backend
 from nanovllm.config import Config
 from nanovllm.platform import Platform
 
@@ -230,7 +230,8 @@ def test_nanovllm_plugins_limits_which_plugins_load(isolated_plugins, monkeypatc
     plugins.load_plugins()
     assert plugins.pm.get_plugin("good") is None
     assert set(plugins.load_failures) == {"excluded"}
-    assert set(plugins.plugin_options()) == {"offload_experts_per_layer", "offload_cache_gib"}  # core's own only
+    core_options = {"offload_experts_per_layer", "offload_cache_gib", "kv_keep_first", "kv_keep_last"}
+    assert set(plugins.plugin_options()) == core_options  # core's own only
 
 
 def test_plugins_load_once(isolated_plugins):

@@ -37,7 +37,7 @@ def check_interpreted():
 
 
 def test_routing_interpreted_on_cpu():
-    from conftest import run_interpreted
+    from nanovllm.testing import run_interpreted
     run_interpreted(__file__, "check_interpreted")
 
 

@@ -10,8 +10,9 @@ from types import SimpleNamespace
 import pytest
 
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.scheduler import Scheduler
-from nanovllm.sequence import Sequence, SequenceStatus
+from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.kv_retention import KVRetentionPolicy
 
 EOS = 2
 
@@ -38,7 +39,12 @@ def make_seq(sched, n_or_tokens, start=100, **params):
 
 def num_to_sample(batch):
     """Sequences whose every token is computed once the step is done: they get a sampled token."""
-    return sum(1 for seq, n in batch if seq.num_computed_tokens + n == len(seq))
+    return sum(batch.sampling)
+
+
+def pairs(batch):
+    """(sequence, tokens computed) for each sequence of a scheduled batch."""
+    return list(zip(batch.seqs, batch.num_tokens))
 
 
 def step(sched, token=7):
@@ -48,22 +54,23 @@ def step(sched, token=7):
 
 
 def post(sched, batch, sampled):
-    """Check the batch, 'run the model' on the shadow KV cache, then postprocess."""
+    """Check the batch, 'run the model' on the shadow KV cache, then update the scheduler."""
     check_batch(sched, batch)
     sched.test_kv.run(batch)
-    return sched.postprocess(batch, sampled)
+    return sched.update(batch, sampled)
 
 
 def check_batch(sched, batch):
-    seqs = [seq for seq, _ in batch]
+    seqs = batch.seqs
     assert len({s.seq_id for s in seqs}) == len(seqs), "a sequence was scheduled twice"
-    assert sum(n for _, n in batch) <= sched.max_num_batched_tokens
+    assert sum(batch.num_tokens) <= sched.max_num_batched_tokens
     assert len(sched.running) <= sched.max_num_seqs
-    for seq, n in batch:
+    for seq, n, start, dropped, table in zip(seqs, batch.num_tokens, batch.starts, batch.num_dropped,
+                                             batch.block_tables):
         assert n >= 1
         assert seq.status == SequenceStatus.RUNNING and seq in sched.running
-        assert seq.num_computed_tokens + n <= len(seq)
-        assert len(seq.block_table) * sched.block_manager.block_size >= seq.num_computed_tokens + n
+        assert start + n == seq.num_computed_tokens and start + n <= len(seq)
+        assert len(table) * sched.block_manager.block_size >= start + n - dropped
     check_blocks(sched)
 
 
@@ -81,22 +88,34 @@ def check_blocks(sched):
 
 
 class FakeKV:
-    """Shadow paged KV cache: slot -> token id written there. Checks each read sees the right token."""
+    """Shadow paged KV cache: slot -> token id written there. Checks each read sees the right token.
+
+    A compaction keeps the prompt's last ``num_kept`` entries (as the test policy below would), so slot s of a
+    sequence always holds position s + num_dropped.
+    """
 
     def __init__(self, block_size):
         self.block_size = block_size
         self.slots = {}
 
+    def slot(self, table, index):
+        return table[index // self.block_size], index % self.block_size
+
     def run(self, batch):
-        for seq, n in batch:
-            # attention reads positions [0, num_computed + n): the cached ones must hold this sequence's tokens
-            for pos in range(seq.num_computed_tokens):
-                slot = (seq.block_table[pos // self.block_size], pos % self.block_size)
-                assert self.slots.get(slot) == seq.token_ids[pos], \
+        runs = list(zip(batch.seqs, batch.num_tokens, batch.starts, batch.num_dropped, batch.block_tables))
+        for seq, n, start, dropped, table in runs:
+            # attention reads the kept entries before this step's tokens: they must hold this sequence's tokens
+            for pos in range(dropped, start):
+                assert self.slots.get(self.slot(table, pos - dropped)) == seq.token_ids[pos], \
                     f"seq {seq.seq_id} reads a wrong KV entry at position {pos}"
-        for seq, n in batch:
-            for pos in range(seq.num_computed_tokens, seq.num_computed_tokens + n):
-                self.slots[(seq.block_table[pos // self.block_size], pos % self.block_size)] = seq.token_ids[pos]
+        for seq, n, start, dropped, table in runs:
+            for pos in range(start, start + n):
+                self.slots[self.slot(table, pos - dropped)] = seq.token_ids[pos]
+        for compaction in batch.compactions:
+            _, n, start, _, table = runs[compaction.index]
+            for j in range(compaction.num_kept):
+                kept = self.slots[self.slot(table, start + n - compaction.num_kept + j)]
+                self.slots[self.slot(compaction.block_table, j)] = kept
 
 
 def drive(sched, sample=lambda seq: 7, max_steps=10_000):
@@ -108,7 +127,7 @@ def drive(sched, sample=lambda seq: 7, max_steps=10_000):
         assert steps <= max_steps, "no progress: the driver loop does not terminate"
         batch = sched.schedule()
         assert batch, "scheduler returned an empty batch while requests were pending"
-        sampled = [sample(seq) for seq, n in batch if seq.num_computed_tokens + n == len(seq)]
+        sampled = [sample(seq) for seq, samples in zip(batch.seqs, batch.sampling) if samples]
         finished += post(sched, batch, sampled)
     return steps, finished
 
@@ -128,20 +147,20 @@ def test_max_num_seqs_limits_running_and_finished_slots_are_refilled():
     c = make_seq(sched, 4, max_tokens=2)
     d = make_seq(sched, 4, max_tokens=2)
     batch, finished = step(sched)
-    assert [(s, n) for s, n in batch] == [(a, 4), (b, 4)]
+    assert pairs(batch) == [(a, 4), (b, 4)]
     assert finished == [a] and a.finish_reason == "length"
     assert list(sched.waiting) == [c, d]
     # a's slot is refilled in the very next step, alongside b's decode
     batch, finished = step(sched)
-    assert batch == [(b, 1), (c, 4)]
+    assert pairs(batch) == [(b, 1), (c, 4)]
     assert list(sched.waiting) == [d]
     batch, finished = step(sched)
-    assert batch == [(b, 1), (c, 1)]
+    assert pairs(batch) == [(b, 1), (c, 1)]
     assert set(finished) == {b, c}
     batch, finished = step(sched)
-    assert batch == [(d, 4)]
+    assert pairs(batch) == [(d, 4)]
     batch, finished = step(sched)
-    assert batch == [(d, 1)] and finished == [d]
+    assert pairs(batch) == [(d, 1)] and finished == [d]
     assert sched.is_finished()
     assert_all_blocks_free(sched)
 
@@ -150,11 +169,11 @@ def test_max_num_batched_tokens_caps_a_step_and_chunks_the_last_prompt():
     sched = make_scheduler(max_num_batched_tokens=10, chunked=True)
     a, b, c = (make_seq(sched, 4, start=100 + 10 * i) for i in range(3))
     batch, _ = step(sched)
-    assert batch == [(a, 4), (b, 4), (c, 2)]
+    assert pairs(batch) == [(a, 4), (b, 4), (c, 2)]
     assert c.num_computed_tokens == 2 and len(c) == 4  # no token sampled for a partial prefill
     assert len(a) == 5 and len(b) == 5
     batch, _ = step(sched)
-    assert batch == [(a, 1), (b, 1), (c, 2)]
+    assert pairs(batch) == [(a, 1), (b, 1), (c, 2)]
     assert len(c) == 5
 
 
@@ -164,13 +183,13 @@ def test_chunked_prefill_splits_a_long_prompt_over_steps():
     progress = []
     for _ in range(3):
         batch, finished = step(sched, token=42)
-        progress.append((batch[0][1], seq.num_computed_tokens, len(seq)))
+        progress.append((batch.num_tokens[0], seq.num_computed_tokens, len(seq)))
         assert not finished
     assert progress == [(10, 10, 25), (10, 20, 25), (5, 25, 26)]
     assert seq.completion_token_ids == [42]
     assert len(seq.block_table) == 7  # ceil(25 / 4)
     batch, finished = step(sched, token=43)
-    assert batch == [(seq, 1)] and finished == [seq]
+    assert pairs(batch) == [(seq, 1)] and finished == [seq]
     assert seq.completion_token_ids == [42, 43] and seq.finish_reason == "length"
 
 
@@ -179,12 +198,12 @@ def test_step_order_is_decodes_then_running_prefills_then_waiting():
     dec = make_seq(sched, 2, start=100)
     pre = make_seq(sched, 20, start=200)
     batch, _ = step(sched)
-    assert batch == [(dec, 2), (pre, 8)]
+    assert pairs(batch) == [(dec, 2), (pre, 8)]
     batch, _ = step(sched)
-    assert batch == [(dec, 1), (pre, 9)]
+    assert pairs(batch) == [(dec, 1), (pre, 9)]
     new = make_seq(sched, 3, start=300)
     batch, _ = step(sched)
-    assert batch == [(dec, 1), (pre, 3), (new, 3)]
+    assert pairs(batch) == [(dec, 1), (pre, 3), (new, 3)]
 
 
 def test_decodes_go_before_an_older_prefill_in_progress():
@@ -197,7 +216,7 @@ def test_decodes_go_before_an_older_prefill_in_progress():
     assert sched.running == [pre, dec]
     new = make_seq(sched, 3, start=300)
     batch = sched.schedule()
-    assert batch == [(dec, 1), (pre, 9)]  # the decode first; the newcomer gets no budget
+    assert pairs(batch) == [(dec, 1), (pre, 9)]  # the decode first; the newcomer gets no budget
     assert list(sched.waiting) == [new]
 
 
@@ -209,8 +228,8 @@ def test_running_decodes_are_not_starved_by_a_long_prompt():
     long = make_seq(sched, 100, start=500)
     for i in range(1, 8):
         batch, _ = step(sched)
-        assert batch[:3] == [(s, 1) for s in decoders]
-        assert batch[3] == (long, 13)
+        assert pairs(batch)[:3] == [(s, 1) for s in decoders]
+        assert pairs(batch)[3] == (long, 13)
         assert [len(s) for s in decoders] == [n + i for n in lengths]
     assert long.num_computed_tokens == 7 * 13
 
@@ -221,19 +240,19 @@ def test_without_chunked_prefill_a_prompt_is_scheduled_whole_or_not_at_all():
     b = make_seq(sched, 6, start=200)
     c = make_seq(sched, 3, start=300)  # would fit, but stays behind b (first come, first served)
     batch, _ = step(sched)
-    assert batch == [(a, 6)]
+    assert pairs(batch) == [(a, 6)]
     assert list(sched.waiting) == [b, c]
     assert b.block_table == [] and b.num_computed_tokens == 0
     d = make_seq(sched, 4, start=400)
     batch, _ = step(sched)
-    assert batch == [(a, 1), (b, 6), (c, 3)]  # the budget is used up exactly
+    assert pairs(batch) == [(a, 1), (b, 6), (c, 3)]  # the budget is used up exactly
     assert list(sched.waiting) == [d]
     e = make_seq(sched, 5, start=500)
     batch, _ = step(sched)
-    assert batch == [(a, 1), (b, 1), (c, 1), (d, 4)]  # 3 tokens left: e (5) is not cut
+    assert pairs(batch) == [(a, 1), (b, 1), (c, 1), (d, 4)]  # 3 tokens left: e (5) is not cut
     assert list(sched.waiting) == [e] and e.block_table == [] and e.num_computed_tokens == 0
     batch, _ = step(sched)
-    assert batch == [(a, 1), (b, 1), (c, 1), (d, 1), (e, 5)]
+    assert pairs(batch) == [(a, 1), (b, 1), (c, 1), (d, 1), (e, 5)]
 
 
 def test_without_chunked_prefill_never_a_partial_prompt_in_a_full_run():
@@ -243,8 +262,8 @@ def test_without_chunked_prefill_never_a_partial_prompt_in_a_full_run():
     while not sched.is_finished():
         batch = sched.schedule()
         assert batch
-        for seq, n in batch:
-            assert n == len(seq) - seq.num_computed_tokens  # a whole prompt, or one decode token
+        for seq, n, start in zip(batch.seqs, batch.num_tokens, batch.starts):
+            assert n == len(seq) - start - 1  # a whole prompt, or one decode token (its sampled one appended)
         post(sched, batch, [7] * num_to_sample(batch))
     assert all(s.finish_reason == "length" for s in seqs)
     assert [s.num_completion_tokens for s in seqs] == [s.sampling_params.max_tokens for s in seqs]
@@ -258,15 +277,15 @@ def test_preemption_by_recompute_when_blocks_run_out():
     a, b, c = (make_seq(sched, 7, start=100 + 10 * i, max_tokens=6) for i in range(3))
     d = make_seq(sched, 7, start=200, max_tokens=6)
     batch, _ = step(sched)  # 3 x 2 blocks: the pool is full, d waits
-    assert batch == [(a, 7), (b, 7), (c, 7)]
+    assert pairs(batch) == [(a, 7), (b, 7), (c, 7)]
     assert list(sched.waiting) == [d] and sched.block_manager.num_free_blocks == 0
     batch, _ = step(sched)  # each decode still fits its 2 blocks (8 tokens)
-    assert batch == [(a, 1), (b, 1), (c, 1)]
+    assert pairs(batch) == [(a, 1), (b, 1), (c, 1)]
     assert sched.num_preemptions == 0
     c_tokens = list(c.token_ids)
 
     batch = sched.schedule()  # a and b each need a 3rd block: the newest (c) is preempted
-    assert batch == [(a, 1), (b, 1)]
+    assert pairs(batch) == [(a, 1), (b, 1)]
     assert sched.num_preemptions == 1
     assert sched.running == [a, b]
     assert list(sched.waiting) == [c, d]  # back at the front, ahead of d
@@ -291,7 +310,7 @@ def test_a_sequence_that_cannot_fit_preempts_itself_when_it_is_the_newest():
     step(sched)  # 2 blocks each, pool full, both have 9 tokens now
     batch = sched.schedule()
     # a takes b's blocks; b, the newest, is preempted and cannot come back in this step
-    assert batch == [(a, 1)]
+    assert pairs(batch) == [(a, 1)]
     assert sched.num_preemptions == 1 and list(sched.waiting) == [b]
     post(sched, batch, [7])
     drive(sched)
@@ -299,16 +318,20 @@ def test_a_sequence_that_cannot_fit_preempts_itself_when_it_is_the_newest():
     assert_all_blocks_free(sched)
 
 
+@pytest.mark.parametrize("retention", [False, True])
 @pytest.mark.parametrize("prefix", [False, True])
 @pytest.mark.parametrize("chunked", [False, True])
-def test_every_request_finishes_under_heavy_preemption(prefix, chunked):
-    """Random prompts (many sharing prefixes) in a tiny KV pool: all finish, KV reads stay correct."""
+def test_every_request_finishes_under_heavy_preemption(prefix, chunked, retention):
+    """Random prompts (many sharing prefixes) in a tiny KV pool: all finish, KV reads stay correct, also when
+    prompts are compacted (and compacted again after preemption)."""
     rng = random.Random(1234 + 2 * prefix + chunked)
     block_size = 4
     max_model_len = 40
     sched = make_scheduler(num_blocks=12, block_size=block_size, max_num_seqs=6,
                            max_num_batched_tokens=max_model_len if not chunked else 16,
                            max_model_len=max_model_len, chunked=chunked, prefix=prefix)
+    if retention:
+        sched.retention = KeepThree(None)
     shared = [rng.randrange(10, 500) for _ in range(12)]
     seqs = []
     for i in range(24):
@@ -410,3 +433,84 @@ def test_abort_all_frees_everything():
     drive(sched)
     assert d.finish_reason == "length"
     assert_all_blocks_free(sched)
+
+
+# ---------------------------------------------------------------- KV retention
+
+class KeepThree(KVRetentionPolicy):
+    """Keeps 3 entries (FakeKV keeps the last 3) of prompts longer than 3, reading the prompt's last 5 queries."""
+
+    name = "keep-three"
+    window = 5
+
+    def num_kept(self, num_prompt_tokens):
+        return min(3, num_prompt_tokens)
+
+
+def retention_scheduler(**kwargs):
+    sched = make_scheduler(**kwargs)
+    sched.retention = KeepThree(None)
+    return sched
+
+
+def test_the_compacting_step_computes_the_window_and_swaps_in_fresh_blocks():
+    sched = retention_scheduler(max_num_batched_tokens=8, num_blocks=16)
+    seq = make_seq(sched, 20, max_tokens=2)
+    progress = []
+    for _ in range(3):
+        batch, _ = step(sched)
+        compactions = [(c.num_kept, len(c.block_table)) for c in batch.compactions]
+        progress.append((batch.starts[0], batch.num_tokens[0], compactions))
+    # no chunk ends inside the last 5 prompt tokens: 8, then 7 (not 8), then the window and the compaction
+    assert progress == [(0, 8, []), (8, 7, []), (15, 5, [(3, 1)])]
+    assert seq.num_dropped_tokens == 17 and seq.num_kv_slots == 3 and len(seq) == 21
+    assert len(seq.block_table) == 1 and sched.block_manager.num_free_blocks == 15  # the prompt's 5 blocks are back
+    kept_blocks = seq.block_table
+    batch, _ = step(sched)  # the decode writes slot 3 of the fresh block, at position 20
+    assert (batch.starts, batch.num_dropped, batch.block_tables) == ([20], [17], [kept_blocks])
+    assert seq.finish_reason == "length"
+    drive(sched)
+    assert_all_blocks_free(sched)
+
+
+def test_prompts_the_policy_keeps_whole_are_not_split_or_compacted():
+    sched = retention_scheduler(max_num_batched_tokens=8)
+    seq = make_seq(sched, 3, max_tokens=2)
+    batch, _ = step(sched)
+    assert pairs(batch) == [(seq, 3)] and batch.compactions == [] and seq.num_dropped_tokens == 0
+
+
+def test_the_prefix_cache_never_serves_the_window_of_a_compacted_prompt():
+    sched = retention_scheduler(max_num_batched_tokens=64, prefix=True)
+    first = make_seq(sched, 20, max_tokens=1)
+    drive(sched)
+    assert first.finish_reason == "length"
+    again = make_seq(sched, 20, max_tokens=1)
+    batch, _ = step(sched)
+    # blocks 0-2 (12 tokens) are cached; block 3 holds the window's first token (15): computed again
+    assert again.num_cached_tokens == 12 and pairs(batch) == [(again, 8)] and len(batch.compactions) == 1
+
+
+def test_a_preempted_compacted_sequence_stops_at_its_prompt_then_recomputes_the_rest():
+    sched = retention_scheduler(max_num_batched_tokens=64, num_blocks=16)
+    seq = make_seq(sched, 10, max_tokens=8)
+    for _ in range(4):
+        step(sched)
+    assert seq.num_dropped_tokens == 7 and len(seq) == 14
+    sched._preempt(seq)
+    assert seq.num_dropped_tokens == 0 and seq.block_table == []
+    batch, _ = step(sched)
+    assert pairs(batch) == [(seq, 10)] and len(batch.compactions) == 1 and batch.sampling == [False]
+    batch, _ = step(sched)  # the generated tokens, after the kept three entries
+    assert pairs(batch) == [(seq, 4)] and batch.starts == [10] and batch.num_dropped == [7]
+    assert batch.sampling == [True] and batch.compactions == []
+    drive(sched)
+    assert seq.num_completion_tokens == 8
+    assert_all_blocks_free(sched)
+
+
+def test_a_window_that_may_not_fit_a_step_is_refused():
+    config = SimpleNamespace(max_num_seqs=6, max_num_batched_tokens=8, max_model_len=64, enable_chunked_prefill=True,
+                             eos_token_ids=frozenset(), kvcache_block_size=4, enable_prefix_caching=False)
+    with pytest.raises(ValueError, match="reads the last 5 queries of a prompt in one step.*raise max_num_batched_tokens"):
+        Scheduler(config, 16, KeepThree(None))

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from conftest import PROMPT_LENS, make_prompts
+from nanovllm.testing import PROMPT_LENS, make_prompts
 from nanovllm import LLM, SamplingParams
 
 MODES = {
@@ -61,7 +61,7 @@ def test_tensor_parallel_2_matches_hf(model, tiny_checkpoint, assert_matches_hf)
 
 def test_checker_flags_wrong_tokens(tiny_checkpoint):
     """The HF agreement check itself must fail on tokens that are not the argmax."""
-    from conftest import hf_greedy_mismatches
+    from nanovllm.testing import hf_greedy_mismatches
     path = tiny_checkpoint("qwen3")
     llm = LLM(path, kvcache_block_size=8, max_model_len=128)
     prompts = make_prompts()[:2]

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from conftest import GPU_MODES, GPU_MOE, GPU_TINY, check_gpu_greedy_matches_hf
+from nanovllm.testing import GPU_MODES, GPU_MOE, GPU_TINY, check_gpu_greedy_matches_hf
 
 pytestmark = pytest.mark.gpu
 

@@ -1,7 +1,7 @@
 """MoE models: greedy tokens equal Hugging Face transformers' on tiny random checkpoints."""
 import pytest
 
-from conftest import make_prompts
+from nanovllm.testing import make_prompts
 from nanovllm import LLM, SamplingParams
 
 MOE_MODELS = ["mixtral", "qwen2_moe", "qwen3_moe"]
@@ -38,7 +38,7 @@ def test_missing_expert_tensor_names_itself(tiny_checkpoint, tmp_path):
 
 
 def test_unknown_expert_manager_lists_installed(tiny_checkpoint):
-    with pytest.raises(ValueError, match=r"expert_manager='lowrank' is not installed; installed: .*resident"):
+    with pytest.raises(ValueError, match=r"expert_manager='lowrank' is not installed; installed expert managers: .*resident"):
         LLM(tiny_checkpoint("mixtral"), expert_manager="lowrank", kvcache_block_size=8, max_model_len=128)
 
 
@@ -70,7 +70,7 @@ def test_bf16_near_tie_check_catches_a_routing_error(routing_error, tiny_checkpo
 
     import torch
 
-    from conftest import GPU_MOE, GPU_TINY, hf_greedy_mismatches
+    from nanovllm.testing import GPU_MOE, GPU_TINY, hf_greedy_mismatches
     from nanovllm.layers.moe import SparseMoE
     path = tiny_checkpoint("mixtral", **{**GPU_TINY, "dtype": torch.bfloat16, **GPU_MOE["mixtral"]})
     route = SparseMoE.route

@@ -2,7 +2,7 @@
 import torch
 
 import nanovllm
-from nanovllm.context import Context
+from nanovllm import Context
 from nanovllm.platform import flash_attn_version
 
 
@@ -28,8 +28,8 @@ class FlashAttention1(nanovllm.AttentionBackend):
             return "runs bf16 only on sm80 and newer: use dtype='float16' on this GPU"
         return super().unsupported_reason(platform, dtype, head_dim, block_size, by_name)
 
-    def __init__(self, num_heads, head_dim, num_kv_heads, scale):
-        super().__init__(num_heads, head_dim, num_kv_heads, scale)
+    def __init__(self, num_heads, head_dim, num_kv_heads, scale, config):
+        super().__init__(num_heads, head_dim, num_kv_heads, scale, config)
         from flash_attn.flash_attn_interface import flash_attn_unpadded_func
         from nanovllm.kernels.store_kv import store_kv
         from nanovllm.kernels.paged_attention import paged_attention

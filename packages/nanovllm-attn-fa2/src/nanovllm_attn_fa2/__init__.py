@@ -2,7 +2,7 @@
 import torch
 
 import nanovllm
-from nanovllm.context import Context
+from nanovllm import Context
 from nanovllm.platform import flash_attn_version
 
 
@@ -27,8 +27,8 @@ class FlashAttention2(nanovllm.AttentionBackend):
             return "needs flash-attn 2.x installed (pip install flash-attn --no-build-isolation)"
         return super().unsupported_reason(platform, dtype, head_dim, block_size, by_name)
 
-    def __init__(self, num_heads, head_dim, num_kv_heads, scale):
-        super().__init__(num_heads, head_dim, num_kv_heads, scale)
+    def __init__(self, num_heads, head_dim, num_kv_heads, scale, config):
+        super().__init__(num_heads, head_dim, num_kv_heads, scale, config)
         from flash_attn import flash_attn_varlen_func
         from nanovllm.kernels.paged_attention import paged_attention
         from nanovllm.kernels.store_kv import store_kv

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 import nanovllm
-from nanovllm.context import Context
+from nanovllm import Context
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor):

@@ -1,10 +1,24 @@
-"""nanovllm: a small, fast offline LLM inference engine with a vLLM-style API."""
+"""nanovllm: a small, fast offline LLM inference engine with a vLLM-style API.
+
+Users need ``LLM`` and ``SamplingParams``; plugin authors also get here what plugins build on: the hook
+marker, the interfaces of attention backends, expert managers and KV-retention policies, the per-step
+``Context`` attention reads, and the shared Triton ``kernels``.
+"""
 import logging
 import os
 
-import pluggy
-
-hookimpl = pluggy.HookimplMarker("nanovllm")
+from nanovllm import kernels
+from nanovllm.attention_backend import AttentionBackend
+from nanovllm.cli.info import print_attention_backend_info
+from nanovllm.config import Config
+from nanovllm.engine.context import Context, get_context
+from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.expert_manager import ExpertManager
+from nanovllm.hookspecs import hookimpl
+from nanovllm.kv_retention import KVRetentionPolicy
+from nanovllm.llm import LLM
+from nanovllm.platform import Platform, detect_platform
+from nanovllm.sampling_params import SamplingParams
 
 _logger = logging.getLogger("nanovllm")
 _logger.setLevel(os.environ.get("NANOVLLM_LOG_LEVEL", "INFO").upper())
@@ -13,12 +27,6 @@ if not _logger.handlers:
     _handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     _logger.addHandler(_handler)
 
-from nanovllm.attention import AttentionBackend  # noqa: E402
-from nanovllm.config import Config  # noqa: E402
-from nanovllm.info import print_attention_backend_info  # noqa: E402
-from nanovllm.llm import LLM  # noqa: E402
-from nanovllm.llm_engine import LLMEngine  # noqa: E402
-from nanovllm.sampling_params import SamplingParams  # noqa: E402
-
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "Config", "AttentionBackend", "hookimpl",
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "Config", "hookimpl", "AttentionBackend", "ExpertManager",
+           "KVRetentionPolicy", "Context", "get_context", "kernels", "Platform", "detect_platform",
            "print_attention_backend_info"]

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from nanovllm import plugins
-from nanovllm.platform import detect_platform
+from nanovllm.platform import Platform, detect_platform
 
 _DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 logger = logging.getLogger(__name__)
@@ -16,6 +16,15 @@ logger = logging.getLogger(__name__)
 def _checkpoint_dtype(hf_config) -> torch.dtype:
     dtype = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
     return (_DTYPES[dtype] if isinstance(dtype, str) else dtype) or torch.float32
+
+
+def compute_dtype(checkpoint_dtype: torch.dtype, dtype: str, platform: Platform) -> torch.dtype:
+    """``dtype`` unless "auto"; else the checkpoint's, with bf16 cast to fp16 on GPUs before sm80."""
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    if checkpoint_dtype == torch.bfloat16 and platform.device_type == "cuda" and platform.capability < (8, 0):
+        return torch.float16
+    return checkpoint_dtype
 
 
 @dataclass
@@ -38,6 +47,7 @@ class Config:
     dtype: str = "auto"
     attention_backend: str | None = None
     expert_manager: str | None = None  # how MoE experts are stored: resident, offload, or a plugin's
+    kv_retention: str | None = None  # which prompt KV to keep once computed: keep-all, recent, or a plugin's
     plugin_options: dict = field(default_factory=dict)
     hf_config: PretrainedConfig | None = None
     eos_token_ids: frozenset[int] = frozenset()
@@ -90,10 +100,4 @@ class Config:
     @property
     def torch_dtype(self) -> torch.dtype:
         """The compute dtype: ``dtype``, or the checkpoint's, with bf16 cast to fp16 on GPUs before sm80."""
-        if self.dtype != "auto":
-            return _DTYPES[self.dtype]
-        dtype = _checkpoint_dtype(self.hf_config)
-        platform = detect_platform()
-        if dtype == torch.bfloat16 and platform.device_type == "cuda" and platform.capability < (8, 0):
-            return torch.float16
-        return dtype
+        return compute_dtype(_checkpoint_dtype(self.hf_config), self.dtype, detect_platform())

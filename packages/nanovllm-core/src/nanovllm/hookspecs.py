@@ -6,12 +6,19 @@ are hook names below. Publish it as a package with an entry point in the group `
     [project.entry-points.nanovllm]
     my_plugin = "my_package.plugin_module"
 
-Every registration hook receives a ``register`` callback; call it once per thing you provide.
-Hooks are called once per process, when the plugin manager is first used.
+Every hook receives a ``register`` callback; call it once per thing you provide. Hooks are called
+once per process, when the engine first needs them. Core registers its own implementations through
+the same hooks (``nanovllm/default_plugins/``).
+
+Every kind of plugin class is chosen the same way: it has a ``name`` and a ``priority`` and answers
+``unsupported_reason(...)`` (None when it can serve, else a sentence saying why not). The user may
+name one (``LLM(attention_backend=...)``, ``expert_manager=``, ``kv_retention=``); otherwise the
+supported one with the highest priority wins. ``nanovllm info`` shows every candidate and its reason.
 """
-from pluggy import HookspecMarker
+from pluggy import HookimplMarker, HookspecMarker
 
 hookspec = HookspecMarker("nanovllm")
+hookimpl = HookimplMarker("nanovllm")
 
 
 @hookspec
@@ -20,8 +27,8 @@ def register_attention_backends(register):
 
     Call ``register(backend_class)`` with a subclass of ``nanovllm.AttentionBackend``. The class
     states what it supports (``device_types``, ``min_capability``, ``dtypes``, ``head_sizes``,
-    ``block_size_multiple``) and a ``priority``; the engine picks the supported backend with the
-    highest priority unless the user names one with ``attention_backend=``.
+    ``block_size_multiple``) and a ``priority``; the engine builds one instance per attention layer,
+    ``backend_class(num_heads, head_dim, num_kv_heads, scale, config)``, and calls its ``forward``.
     """
 
 
@@ -31,10 +38,12 @@ def register_models(register):
 
     Call ``register(architecture, model_class)`` where ``architecture`` is a name from a
     Hugging Face config's ``architectures`` list (e.g. ``"Qwen3ForCausalLM"``). The engine builds
-    ``model_class(hf_config)`` under the compute dtype and device, loads weights through
-    ``nanovllm.loader.load_model`` and calls ``model(input_ids, positions)`` for hidden states and
-    ``model.compute_logits(hidden_states)`` for logits. Attention must go through
-    ``nanovllm.layers.attention.Attention`` so the engine can wire in the KV cache and backend.
+    ``model_class(config)`` (a ``nanovllm.Config``; the Hugging Face config is ``config.hf_config``)
+    under the compute dtype and device, loads weights through ``nanovllm.loader.load_model`` and
+    calls ``model(input_ids, positions)`` for hidden states and ``model.compute_logits(hidden_states)``
+    for logits. Attention must go through ``nanovllm.layers.attention.Attention`` and mixture-of-experts
+    blocks through ``nanovllm.layers.moe.SparseMoE``, so the engine can wire in the KV cache, the
+    attention backend, the KV-retention policy and the expert manager.
     """
 
 
@@ -45,7 +54,7 @@ def register_options(register):
     Call ``register(name, default, help)``. The engine accepts ``name`` as a keyword argument,
     stores its value in ``config.plugin_options[name]`` (``default`` when not given) and lists it
     among the known options in the error for unknown ones. A name may not repeat a core option
-    or another plugin's.
+    or another plugin's. Every plugin object receives the ``Config``, so it can read its options.
     """
 
 
@@ -53,9 +62,20 @@ def register_options(register):
 def register_expert_managers(register):
     """Provide expert managers for mixture-of-experts layers.
 
-    Call ``register(manager_class)`` with a subclass of ``nanovllm.experts.ExpertManager``. A manager
-    owns how one MoE layer's expert weights are stored (on the device, in host memory, factorised...)
-    and computes the selected experts for a step's tokens. The user picks one with
-    ``LLM(..., expert_manager=name)``; otherwise the first whose ``claims(config)`` is true, else
-    ``resident``. Core registers its own managers (``resident``, ``offload``) through this hook.
+    Call ``register(manager_class)`` with a subclass of ``nanovllm.ExpertManager``. A manager owns how
+    one MoE layer's expert weights are stored (on the device, in host memory, factorised...), loads
+    them from the checkpoint and computes the selected experts for a step's tokens. The engine calls
+    ``manager_class.install(model, config)``, which puts one manager into every MoE layer. Core
+    registers ``resident`` (the default) and ``offload``.
+    """
+
+
+@hookspec
+def register_kv_retention_policies(register):
+    """Provide KV-retention policies: which prompt tokens keep their K and V once the prompt is computed.
+
+    Call ``register(policy_class)`` with a subclass of ``nanovllm.KVRetentionPolicy``. When a sequence's
+    prompt completes, the policy says how many KV tokens to keep and, per layer and KV head, which;
+    the engine gathers those into fresh blocks right after each layer's attention and frees the rest in
+    the same step. Core registers ``keep-all`` (the default) and ``recent``.
     """

@@ -1,4 +1,4 @@
-from nanovllm.llm_engine import LLMEngine
+from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.sampling_params import SamplingParams
 
 

@@ -1,7 +1,10 @@
-"""Find and load plugins: installed packages with entry points in the group ``nanovllm``."""
+"""Find and load plugins, core's defaults first, then installed packages with entry points in the group
+``nanovllm``; collect what they register; and choose among candidates, the same way for every kind."""
+import importlib
 import importlib.metadata
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pluggy
@@ -9,6 +12,9 @@ import pluggy
 from nanovllm import hookspecs
 
 logger = logging.getLogger(__name__)
+
+# Core's own implementations, registered through the hooks like any plugin's.
+DEFAULT_PLUGINS = ("nanovllm.default_plugins.expert_managers", "nanovllm.default_plugins.kv_retention")
 
 pm = pluggy.PluginManager("nanovllm")
 pm.add_hookspecs(hookspecs)
@@ -19,13 +25,14 @@ _loaded = False
 
 
 def load_plugins():
-    """Load every installed plugin once; NANOVLLM_PLUGINS (comma list) limits which ones."""
+    """Load the default plugins and every installed plugin, once; NANOVLLM_PLUGINS (comma list) limits
+    which installed ones load."""
     global _loaded
     if _loaded:
         return
     _loaded = True
-    from nanovllm import experts  # core's own expert managers, registered like any plugin's
-    pm.register(experts, name="nanovllm.experts")
+    for module_name in DEFAULT_PLUGINS:
+        pm.register(importlib.import_module(module_name), name=module_name)
     allowed = os.environ.get("NANOVLLM_PLUGINS")
     allowed = None if allowed is None else {name.strip() for name in allowed.split(",") if name.strip()}
     for entry_point in importlib.metadata.entry_points(group="nanovllm"):
@@ -54,6 +61,10 @@ def attention_backends() -> dict[str, type]:
 
 def expert_managers() -> dict[str, type]:
     return {cls.name: cls for (cls,) in _collect("register_expert_managers")}
+
+
+def kv_retention_policies() -> dict[str, type]:
+    return {cls.name: cls for (cls,) in _collect("register_kv_retention_policies")}
 
 
 def model_classes() -> dict[str, type]:
@@ -85,3 +96,29 @@ def installed_plugins() -> list[tuple[str, str, str]]:
             dist = entry_point.dist
             rows.append((entry_point.name, dist.name if dist else "?", dist.version if dist else "?"))
     return rows
+
+
+def choose(candidates: dict[str, type], unsupported_reason: Callable[[type, bool], str | None],
+           requested: str | None, option: str, kind: str, setting: str) -> tuple[type, str]:
+    """The candidate named ``requested``, else the supported one with the highest ``priority``; and why.
+
+    ``unsupported_reason(cls, by_name)`` is None when ``cls`` can serve ``setting``, else why not.
+    ``option`` is the ``LLM()`` keyword that names one; ``kind`` says what they are ("backend").
+    """
+    kinds = kind[:-1] + "ies" if kind.endswith("y") else kind + "s"
+    if requested:
+        if requested not in candidates:
+            raise ValueError(f"{option}={requested!r} is not installed; installed {kinds}: "
+                             f"{sorted(candidates) or 'none'}. Install the plugin that provides it.")
+        reason = unsupported_reason(candidates[requested], True)
+        if reason:
+            raise ValueError(f"{option}={requested!r} cannot run here: it {reason} ({setting})")
+        return candidates[requested], f"{requested} was asked for by name"
+    rejected = {}
+    for name, cls in sorted(candidates.items(), key=lambda item: -item[1].priority):
+        reason = unsupported_reason(cls, False)
+        if reason is None:
+            return cls, f"{name} is the highest-priority installed {kind} that supports {setting}"
+        rejected[name] = reason
+    details = "; ".join(f"{name} {reason}" for name, reason in rejected.items()) or f"no {kind} is installed"
+    raise RuntimeError(f"no {kind} supports {setting} ({details})")

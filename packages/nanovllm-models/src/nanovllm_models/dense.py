@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from nanovllm import Config
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
@@ -100,17 +101,18 @@ class DenseForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config):
+    def __init__(self, config: Config):
         super().__init__()
-        self.model = DecoderModel(config, self.biases(config), self.qk_norm, self.make_feed_forward)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        hf_config = config.hf_config
+        self.model = DecoderModel(hf_config, self.biases(hf_config), self.qk_norm, self.make_feed_forward)
+        self.lm_head = ParallelLMHead(hf_config.vocab_size, hf_config.hidden_size)
         self.ignored_checkpoint_tensors = set()
-        if getattr(config, "tie_word_embeddings", False):
+        if getattr(hf_config, "tie_word_embeddings", False):
             self.lm_head.weight = self.model.embed_tokens.weight
             self.ignored_checkpoint_tensors.add("lm_head.weight")
 
     def make_feed_forward(self, config, layer_index: int) -> tuple[str, nn.Module]:
-        """The feed-forward block of a layer, with its name in the checkpoint."""
+        """The feed-forward block of a layer (``config``: the Hugging Face config), with its name in the checkpoint."""
         return "mlp", MLP(config, self.biases(config)[2])
 
     @staticmethod

@@ -9,7 +9,7 @@ class SparseMoE(nn.Module):
     """A mixture-of-experts MLP: the router picks ``top_k`` experts per token, an expert manager computes them.
 
     The model names the checkpoint's projections (``checkpoint_names``, e.g. {"w1": "gate", "w3": "up",
-    "w2": "down"}); the engine sets ``experts`` to the chosen manager before loading weights.
+    "w2": "down"}); the chosen manager's ``install`` sets ``experts`` before the weights load.
     """
 
     def __init__(self, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int,
@@ -23,11 +23,7 @@ class SparseMoE(nn.Module):
         self.checkpoint_names = checkpoint_names
         self.tp_size = tp_rank_and_size()[1]
         self.gate = ReplicatedLinear(hidden_size, num_experts)
-        self.experts = None  # an ExpertManager, set by the model runner
-        # Set by the model runner when the manager prefetches: x -> the next MoE layer's likely expert ids on the
-        # host, and ids -> start copying them for the next layer.
-        self.guess_next = None
-        self.prefetch_next = None
+        self.experts = None  # an ExpertManager
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k experts per token and their weights: softmax over all experts, then optionally renormalised."""
@@ -42,12 +38,7 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
-        # The guess is read before this layer's experts are queued (reading waits for the device); its copies
-        # are queued after this layer's own, so they overlap this layer's experts without delaying them.
-        guess = self.guess_next(x) if self.guess_next is not None else None
         out = self.experts(x, weights, ids)
-        if guess is not None:
-            self.prefetch_next(guess)
         if self.tp_size > 1:
             dist.all_reduce(out)
         return out

@@ -27,7 +27,7 @@ def default_workload_shape() -> dict:
 
 
 def random_checkpoint_for_platform(folder: str) -> str:
-    from nanovllm.random_checkpoint import QWEN3_0_6B, SMALL, make_random_checkpoint
+    from nanovllm.testing import QWEN3_0_6B, SMALL, make_random_checkpoint
     shape = QWEN3_0_6B if detect_platform().device_type == "cuda" else SMALL
     return make_random_checkpoint(folder, "Qwen3ForCausalLM", dtype=torch.bfloat16, **shape)
 

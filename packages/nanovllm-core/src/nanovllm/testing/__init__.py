@@ -1,11 +1,64 @@
-"""Shared test fixtures: tiny random checkpoints, the Hugging Face greedy-agreement check, and
-Triton kernels run by Triton's CPU interpreter."""
+"""What tests of nanovllm and of its plugins share: tiny checkpoints with random weights made offline (also
+used by ``nanovllm bench``), the Hugging Face greedy-agreement check, and Triton kernels run on the CPU.
+
+The pytest fixtures built on these (``tiny_checkpoint``, ``assert_matches_hf``) and the ``gpu`` marker's skip
+come with nanovllm-core as a pytest plugin (``nanovllm.testing.pytest_plugin``). Nothing here downloads.
+"""
 import os
 import subprocess
 import sys
 
-import pytest
 import torch
+
+# Qwen3-0.6B's shape; its real vocabulary size too, so the LM head costs what it does in practice.
+QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+                  tie_word_embeddings=True, rms_norm_eps=1e-6)
+SMALL = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=2, head_dim=32, vocab_size=10240, max_position_embeddings=4096,
+             tie_word_embeddings=True, rms_norm_eps=1e-6)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+_CORPUS = ("The quick brown fox jumps over the lazy dog. A paged KV cache stores keys and values in blocks. "
+           "Continuous batching schedules many requests at once; prefix caching reuses shared prompt blocks. "
+           "Hello, world! 0123456789 user assistant system")
+
+
+def make_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE tokenizer (any text encodes) with a chat template, trained on a tiny corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator([_CORPUS] * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_random_checkpoint(path: str, architecture: str = "Qwen3ForCausalLM", dtype: torch.dtype = torch.bfloat16,
+                           seed: int = 0, **config_overrides) -> str:
+    """Write config.json, model.safetensors and a tokenizer for ``architecture`` with random weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    model_type = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama",
+                  "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
+                  "Qwen3MoeForCausalLM": "qwen3_moe"}[architecture]
+    tokenizer = make_tokenizer(min(400, config_overrides.get("vocab_size", SMALL["vocab_size"])))
+    options = {**SMALL, **config_overrides}
+    options.setdefault("eos_token_id", tokenizer.eos_token_id)
+    config = AutoConfig.for_model(model_type, architectures=[architecture], **options)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, vocab_size=512, max_position_embeddings=512,
@@ -37,48 +90,30 @@ def make_prompts(seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(512) for _ in range(n)] for n in PROMPT_LENS]
 
 
-def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU: run on the GPU machine (tools/device_run.sh)")
-    for item in items:
-        if "gpu" in item.keywords or "multi_gpu" in item.keywords:
-            item.add_marker(skip)
-
-
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """tiny_checkpoint(name, **overrides) -> path of a cached tiny random fp32 checkpoint."""
-    from nanovllm.random_checkpoint import make_random_checkpoint
-    made = {}
-
-    def make(name: str = "qwen3", dtype=torch.float32, **overrides):
-        key = (name, str(dtype), tuple(sorted((k, repr(v)) for k, v in overrides.items())))
-        if key not in made:
-            architecture, arch_overrides = TINY_MODELS[name]
-            path = str(tmp_path_factory.mktemp(name))
-            made[key] = make_random_checkpoint(path, architecture, dtype=dtype, **{**TINY, **arch_overrides, **overrides})
-        return made[key]
-    return make
-
-
 def hf_greedy_mismatches(path: str, prompts: list[list[int]], outputs: list[list[int]], tol: float = 1e-3,
-                         device: str = "cpu", dtype=torch.float32, noise_dtype=None, router_tol: float = 0.0) -> list[str]:
+                         device: str = "cpu", dtype=torch.float32, noise_dtype=None, router_tol: float = 0.0,
+                         dropped: list[torch.Tensor | None] | None = None) -> list[str]:
     """Teacher-force Hugging Face transformers on prompt + our tokens; list every token that is not HF's argmax.
 
     A token whose HF logit is within ``tol`` of the maximum is a numerical near-tie and allowed. MoE models in
     bf16 have two more kinds of near-tie: with ``noise_dtype`` the margin grows, position by position, by how
     much the two logits move between HF's own two precisions; with ``router_tol`` a token may differ where some
     layer's k-th and (k+1)-th router logits are that close (a rounding difference flips an expert there).
+
+    ``dropped[i]`` (bool [layers, kv_heads, len(prompt)], or None) names the KV entries that a retention policy
+    dropped from prompt i: Hugging Face's attention then hides them from every query after the prompt.
     """
-    from transformers import AutoModelForCausalLM
-    models = [AutoModelForCausalLM.from_pretrained(path, dtype=d).to(device).eval()
+    from transformers import AttentionInterface, AutoModelForCausalLM
+    AttentionInterface.register("nanovllm_dropped_kv", _attention_without_dropped_kv)
+    implementation = {"attn_implementation": "nanovllm_dropped_kv"} if dropped is not None else {}
+    models = [AutoModelForCausalLM.from_pretrained(path, dtype=d, **implementation).to(device).eval()
               for d in ([dtype] if noise_dtype is None else [dtype, noise_dtype])]
     top_k = getattr(models[0].config, "num_experts_per_tok", 0)
     problems = []
     for i, (prompt, output) in enumerate(zip(prompts, outputs)):
         assert output, f"prompt {i} produced no tokens"
         ids = torch.tensor([prompt + output[:-1]], device=device)
+        _dropped_kv[:] = [] if dropped is None or dropped[i] is None else [dropped[i].to(device)]
         with torch.no_grad():
             result = models[0](ids, **({"output_router_logits": True} if router_tol else {}))
             logits = result.logits[0, len(prompt) - 1:].float()
@@ -96,12 +131,23 @@ def hf_greedy_mismatches(path: str, prompts: list[list[int]], outputs: list[list
     return problems
 
 
-@pytest.fixture
-def assert_matches_hf():
-    def check(path, prompts, outputs, **kwargs):
-        problems = hf_greedy_mismatches(path, prompts, [o["token_ids"] for o in outputs], **kwargs)
-        assert not problems, "greedy tokens differ from Hugging Face:\n" + "\n".join(problems)
-    return check
+_dropped_kv: list[torch.Tensor] = []  # the prompt's dropped KV entries while hf_greedy_mismatches runs it
+
+
+def _attention_without_dropped_kv(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager causal attention for one sequence (query [1, heads, q, dim], key and value [1, kv_heads, k, dim])
+    where queries after the prompt do not see the prompt's KV entries in ``_dropped_kv``."""
+    group = query.size(1) // key.size(1)
+    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    num_q, num_k = query.size(2), key.size(2)
+    visible = torch.ones(query.size(1), num_q, num_k, dtype=torch.bool, device=query.device).tril(num_k - num_q)
+    if _dropped_kv:
+        dropped = _dropped_kv[0][module.layer_idx].repeat_interleave(group, 0)  # [heads, prompt]
+        prompt = dropped.size(1)
+        visible[:, prompt:, :prompt] &= ~dropped.unsqueeze(1)
+    scores = (query.float() @ key.float().transpose(-1, -2)) * scaling
+    probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
+    return (probs @ value.float()).to(query.dtype).transpose(1, 2).contiguous(), probs
 
 
 def run_interpreted(path: str, function: str, *args):

@@ -9,14 +9,15 @@ from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from nanovllm import plugins
-from nanovllm.attention import select_backend
+from nanovllm.attention_backend import select_backend
 from nanovllm.config import Config
-from nanovllm.experts import select_expert_manager
-from nanovllm.model_runner import ModelRunner, run_worker
+from nanovllm.engine.model_runner import ModelRunner, run_worker
+from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.sequence import Sequence
+from nanovllm.expert_manager import select_expert_manager
+from nanovllm.kv_retention import select_kv_retention_policy
 from nanovllm.platform import detect_platform
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.scheduler import Scheduler
-from nanovllm.sequence import Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,11 @@ class LLMEngine:
         backend_cls, why = select_backend(plugins.attention_backends(), platform, config.torch_dtype, head_dim,
                                           config.kvcache_block_size, config.attention_backend)
         logger.info("attention backend: %s", why)
-        select_expert_manager(config)  # an unknown expert_manager fails here, before any rank starts
+        # Choices that can fail do so here, before any rank starts.
+        logger.debug("expert manager (for MoE layers): %s", select_expert_manager(config)[1])
+        retention_cls, why = select_kv_retention_policy(config)
+        logger.info("KV retention: %s", why)
+        retention = retention_cls(config)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         config.eos_token_ids |= {self.tokenizer.eos_token_id} - {None}
         self.processes = []
@@ -69,7 +74,7 @@ class LLMEngine:
             for process in self.processes:
                 process.terminate()
             raise
-        self.scheduler = Scheduler(config, self.model_runner.num_kvcache_blocks)
+        self.scheduler = Scheduler(config, self.model_runner.num_kvcache_blocks, retention)
         # Other ranks would need the sampled tokens for the next step's inputs: keep TP synchronous.
         self.async_scheduling = config.async_scheduling and config.tensor_parallel_size == 1
         self._in_flight = None  # the launched step whose sampled tokens are not read yet
@@ -110,24 +115,19 @@ class LLMEngine:
         schedules and prepares step N+1 while the GPU runs step N.
         """
         batch = self.scheduler.schedule()
-        launched = None
-        if batch:
-            sampled = self.model_runner.step(batch)
-            launched = (self.scheduler.advance(batch), sampled)
+        launched = (batch, self.model_runner.step(batch)) if batch else None
         finished = self._read_in_flight()  # the previous step's tokens, while this one runs
         self._in_flight = launched
         if not self.async_scheduling:
             finished += self._read_in_flight()
-        num_decode = sum(1 for seq, n in batch if n == 1 and seq.num_computed_tokens > seq.num_prompt_tokens)
-        num_prefill = sum(n for _, n in batch) - num_decode
-        return finished, num_prefill, num_decode
+        return finished, batch.num_prefill_tokens, batch.num_decode_tokens
 
     def _read_in_flight(self) -> list[Sequence]:
         """Wait for the launched step's sampled tokens and put them in place; the sequences that finished."""
         if self._in_flight is None:
             return []
-        (pending, sampled), self._in_flight = self._in_flight, None
-        return self.scheduler.resolve(pending, sampled.tolist())
+        (batch, sampled), self._in_flight = self._in_flight, None
+        return self.scheduler.update(batch, sampled.tolist())
 
     def is_finished(self) -> bool:
         return self.scheduler.is_finished() and self._in_flight is None

@@ -3,12 +3,15 @@ from dataclasses import dataclass
 
 import torch
 
+from nanovllm.engine.kv_compaction import KVCompaction
+
 
 @dataclass
 class Context:
     """Every sequence in a step is a run of query tokens over its paged KV cache.
 
-    Sequence i computes tokens [context_lens[i] - q_len_i, context_lens[i]); decodes have q_len 1.
+    Sequence i computes its KV slots [context_lens[i] - q_len_i, context_lens[i]); decodes have q_len 1.
+    Slots are positions less the tokens a KV-retention policy dropped, so a backend attends over slots only.
     """
 
     cu_seqlens_q: torch.Tensor  # int32 [num_seqs + 1]
@@ -16,10 +19,11 @@ class Context:
     max_seqlen_q: int
     max_seqlen_k: int
     slot_mapping: torch.Tensor  # int64 [num_tokens]: where each new token's K and V go in the cache
-    context_lens: torch.Tensor  # int32 [num_seqs]: tokens in cache after this step
+    context_lens: torch.Tensor  # int32 [num_seqs]: KV slots in use after this step
     block_tables: torch.Tensor  # int32 [num_seqs, max_blocks]: cache block ids, padded with 0
     is_decode: bool  # every sequence has exactly one query token
     is_fresh_prefill: bool = False  # every sequence starts at position 0: its keys are this step's tokens
+    compaction: KVCompaction | None = None  # prompts completing in this step whose KV a retention policy thins
 
 
 _context: Context | None = None

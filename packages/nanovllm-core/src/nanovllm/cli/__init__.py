@@ -36,12 +36,12 @@ def cmd_generate(args):
 
 
 def cmd_info(args):
-    from nanovllm.info import print_attention_backend_info
+    from nanovllm.cli.info import print_attention_backend_info
     print_attention_backend_info()
 
 
 def cmd_bench(args):
-    from nanovllm.bench import default_workload_shape, run_bench
+    from nanovllm.cli.bench import default_workload_shape, run_bench
     shape = default_workload_shape()
     num_seqs = args.num_seqs or shape["num_seqs"]
     input_len = tuple(args.input_len or shape["input_len"])

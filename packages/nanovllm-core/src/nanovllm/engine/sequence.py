@@ -24,9 +24,10 @@ class Sequence:
         self.num_prompt_tokens = len(token_ids)
         self.sampling_params = sampling_params
         self.block_size = block_size
-        self.num_computed_tokens = 0  # tokens whose K and V are in the cache
-        self.num_cached_tokens = 0  # of those, tokens found in the prefix cache when scheduled
-        self.block_table: list[int] = []
+        self.num_computed_tokens = 0  # tokens whose K and V are computed: the position of the next one
+        self.num_dropped_tokens = 0  # of those, tokens whose K and V a retention policy freed
+        self.num_cached_tokens = 0  # tokens found in the prefix cache when scheduled
+        self.block_table: list[int] = []  # KV blocks by slot: slot s is block_table[s // block_size]
         self.block_hashes: list[int] = []  # hash chain of the leading full blocks already in the cache
         self.finish_reason: str | None = None
         self.generator: torch.Generator | None = None  # per-request RNG for seeded sampling
@@ -41,6 +42,11 @@ class Sequence:
     @property
     def num_completion_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_kv_slots(self) -> int:
+        """KV entries the sequence holds: a token at position p sits in slot p - num_dropped_tokens."""
+        return self.num_computed_tokens - self.num_dropped_tokens
 
     @property
     def num_uncomputed_tokens(self) -> int:

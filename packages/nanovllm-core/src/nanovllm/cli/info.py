@@ -1,15 +1,11 @@
-"""What ``nanovllm info`` prints: the platform, the plugins, and the attention backend choice."""
+"""What ``nanovllm info`` prints: the platform, the plugins and what they provide, and the attention backend
+and dtype that would be chosen."""
 import torch
 
 from nanovllm import plugins
-from nanovllm.attention import select_backend
+from nanovllm.attention_backend import select_backend
+from nanovllm.config import compute_dtype
 from nanovllm.platform import Platform, detect_platform, flash_attn_version
-
-
-def default_dtype(platform: Platform) -> torch.dtype:
-    if platform.device_type == "cuda":
-        return torch.bfloat16 if platform.capability >= (8, 0) else torch.float16
-    return torch.float32 if platform.device_type == "cpu" else torch.float16
 
 
 def platform_report(platform: Platform | None = None) -> list[str]:
@@ -32,6 +28,15 @@ def plugin_report() -> list[str]:
         lines.append(f"  {name}: FAILED to load ({reason})")
     if len(lines) == 1:
         lines.append("  none installed")
+    lines.append(f"Architectures: {', '.join(sorted(plugins.model_classes())) or 'none'}")
+    for title, option, candidates in (("Expert managers", "expert_manager", plugins.expert_managers()),
+                                      ("KV-retention policies", "kv_retention", plugins.kv_retention_policies())):
+        lines.append(f"{title} ({option}=):")
+        for name, cls in sorted(candidates.items(), key=lambda item: -item[1].priority):
+            lines.append(f"  {name} (priority {cls.priority}): {(cls.__doc__ or '').strip().splitlines()[0]}")
+    lines.append("Plugin options (keywords of LLM):")
+    for option in plugins.plugin_options().values():
+        lines.append(f"  {option.name} (default {option.default!r}): {option.help}")
     return lines
 
 
@@ -39,9 +44,10 @@ def backend_report(platform: Platform | None = None, dtype: torch.dtype | None =
                    block_size: int = 256) -> list[str]:
     """Each installed attention backend, whether it fits this platform, and the one that would be chosen."""
     platform = platform or detect_platform()
-    dtype = dtype or default_dtype(platform)
+    dtype = dtype or compute_dtype(torch.bfloat16, "auto", platform)
     backends = plugins.attention_backends()
-    lines = [f"Attention backends (dtype {str(dtype).removeprefix('torch.')}, head size {head_dim}, "
+    lines = [f"Dtype: {str(dtype).removeprefix('torch.')} for a bf16 checkpoint with dtype='auto'",
+             f"Attention backends (dtype {str(dtype).removeprefix('torch.')}, head size {head_dim}, "
              f"block size {block_size}):"]
     for name, cls in sorted(backends.items(), key=lambda item: -item[1].priority):
         reason = cls.unsupported_reason(platform, dtype, head_dim, block_size)

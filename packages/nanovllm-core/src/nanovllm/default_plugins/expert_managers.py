@@ -1,89 +1,21 @@
-"""Expert managers: how a MoE layer's expert weights are stored and computed. Core's built-ins are
-registered through the same hook as plugins' (``register_expert_managers``)."""
+"""Core's expert managers, registered through ``register_expert_managers`` like any plugin's:
+``resident`` (every expert on the device) and ``offload`` (host memory behind a device cache)."""
 from collections import Counter, OrderedDict
 
 import torch
 from torch import nn
 
-import nanovllm
+from nanovllm.expert_manager import ExpertManager
+from nanovllm.hookspecs import hookimpl
 from nanovllm.layers.activation import silu_and_mul
-from nanovllm.layers.linear import narrow_checked, tp_rank_and_size
-
-PROJECTIONS = ("gate", "up", "down")
-
-
-class ExpertManager(nn.Module):
-    """Owns one MoE layer's experts. Subclasses set ``name`` and implement ``load_expert`` and ``forward``.
-
-    Experts are SwiGLU MLPs: ``down(silu(gate(x)) * up(x))``; with tensor parallelism each rank holds a
-    slice of every expert's intermediate dimension and the layer sums the ranks' outputs.
-    """
-
-    name: str = ""
-    cuda_graphs: bool = False  # whether forward may be captured in a CUDA graph (no host syncs)
-
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, checkpoint_names: dict[str, str],
-                 config):
-        super().__init__()
-        self.tp_rank, self.tp_size = tp_rank_and_size()
-        if intermediate_size % self.tp_size:
-            raise ValueError(f"expert intermediate size {intermediate_size} is not divisible by "
-                             f"tensor_parallel_size={self.tp_size}")
-        self.num_experts = num_experts
-        self.hidden_size = hidden_size
-        self.full_intermediate_size = intermediate_size
-        self.intermediate_size = intermediate_size // self.tp_size
-        self.checkpoint_names = checkpoint_names  # the checkpoint's projection names -> gate/up/down
-        self.config = config
-        self.loaded: set[tuple[int, str]] = set()
-
-    @classmethod
-    def claims(cls, config) -> bool:
-        """True to be used for this checkpoint when the user names no manager (e.g. a format it recognises)."""
-        return False
-
-    def shard(self, projection: str, tensor: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of one expert's checkpoint tensor ([out, in] as Hugging Face stores it)."""
-        size = self.intermediate_size
-        if projection == "down":
-            if tensor.shape[0] != self.hidden_size:
-                raise ValueError(f"checkpoint shape {tuple(tensor.shape)} does not match the model's "
-                                 f"({self.hidden_size}, {self.full_intermediate_size})")
-            return narrow_checked(tensor, 1, self.tp_rank * size, size, self.full_intermediate_size)
-        if tensor.shape[1] != self.hidden_size:
-            raise ValueError(f"checkpoint shape {tuple(tensor.shape)} does not match the model's "
-                             f"({self.full_intermediate_size}, {self.hidden_size})")
-        return narrow_checked(tensor, 0, self.tp_rank * size, size, self.full_intermediate_size)
-
-    def load_checkpoint_tensor(self, name: str, tensor: torch.Tensor):
-        """Load ``{expert}.{projection}.weight`` (the name below this layer's ``experts`` module)."""
-        expert, projection, _ = name.split(".", 2)
-        if projection not in self.checkpoint_names or not expert.isdigit() or int(expert) >= self.num_experts:
-            raise ValueError(f"no expert weight is named {name!r}")
-        projection = self.checkpoint_names[projection]
-        self.load_expert(int(expert), projection, self.shard(projection, tensor))
-        self.loaded.add((int(expert), projection))
-
-    def missing_checkpoint_tensors(self) -> list[str]:
-        names = {projection: name for name, projection in self.checkpoint_names.items()}
-        return [f"{e}.{names[p]}.weight" for e in range(self.num_experts) for p in PROJECTIONS
-                if (e, p) not in self.loaded]
-
-    def load_expert(self, expert: int, projection: str, tensor: torch.Tensor):
-        raise NotImplementedError
-
-    def prefetch(self, topk_ids: torch.Tensor):
-        """A hint, from the previous layer, of the experts this layer will probably need next."""
-
-    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """x: [tokens, hidden]; topk_weights, topk_ids: [tokens, top_k]. Returns this rank's share of the
-        weighted sum of each token's experts, [tokens, hidden]."""
-        raise NotImplementedError
+from nanovllm.layers.moe import SparseMoE
 
 
 class ResidentExperts(ExpertManager):
-    """All experts on the device: gate and up stacked as w13 [E, 2I, H], down as w2 [E, H, I]. On CUDA
-    a grouped Triton kernel computes every expert at once; elsewhere, one matmul pair per expert."""
+    """Every expert on the device.
+
+    Gate and up stacked as w13 [E, 2I, H], down as w2 [E, H, I]. On CUDA a grouped Triton kernel computes
+    every expert at once; elsewhere, one matmul pair per expert."""
 
     name = "resident"
     cuda_graphs = True
@@ -132,14 +64,28 @@ def grouped_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch
 
 
 class OffloadedExperts(ExpertManager):
-    """Experts in (pinned) host memory; a per-layer device cache of a few experts, least recently used
-    out first. Copies run on a side stream; ``prefetch`` starts the next layer's likely experts early.
+    """Experts in host memory behind a small device cache per layer.
+
+    Pinned host memory; a per-layer device cache of a few experts, least recently used out first. Copies run
+    on a side stream; ``prefetch`` starts the next layer's likely experts early.
 
     Options: ``offload_experts_per_layer`` (cache slots per layer) or ``offload_cache_gib`` (a device
     budget shared by all layers); by default twice the experts a token uses.
     """
 
     name = "offload"
+
+    @classmethod
+    def unsupported_reason(cls, config, by_name=False):
+        return None if by_name else "is used only when asked for by name"
+
+    @classmethod
+    def install(cls, model, config):
+        managers = super().install(model, config)
+        moe_layers = [m for m in model.modules() if isinstance(m, SparseMoE)]
+        for manager, next_layer in zip(managers, moe_layers[1:]):  # bound methods: no module cycle
+            manager.route_next, manager.prefetch_next = next_layer.route, next_layer.experts.prefetch
+        return managers
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -157,6 +103,7 @@ class OffloadedExperts(ExpertManager):
         self.slots_read: torch.cuda.Event | None = None  # the last kernels reading the slots, on CUDA
         self.copy_stream = torch.cuda.Stream(device) if on_cuda else None
         self.prefetched: set[int] = set()  # copied on a guess and not used yet
+        self.route_next = self.prefetch_next = None  # the next MoE layer's router and prefetch, set by install
         self.hits = self.misses = self.evictions = self.prefetches = self.prefetch_hits = 0
 
     def _num_slots(self, config) -> int:
@@ -215,6 +162,16 @@ class OffloadedExperts(ExpertManager):
                 self._make_resident(expert, keep=set(likely))
 
     def forward(self, x, topk_weights, topk_ids):
+        # The next layer's router applied to this layer's input guesses its experts. The guess is read before
+        # this layer's experts are queued (reading waits for the device); its copies are queued after this
+        # layer's own, so they overlap this layer's experts without delaying them.
+        guess = self.route_next(x)[1].cpu() if self.route_next is not None else None
+        out = self._compute(x, topk_weights, topk_ids)
+        if guess is not None:
+            self.prefetch_next(guess)
+        return out
+
+    def _compute(self, x, topk_weights, topk_ids):
         needed = sorted(topk_ids.unique().tolist(), key=lambda e: e not in self.slot_of)  # cached ones first
         # CUDA: resident's grouped kernel over the slots, with its output rows (so rounds give resident's sums)
         if x.is_cuda:
@@ -251,25 +208,13 @@ class OffloadedExperts(ExpertManager):
         return self.w13_slots[slot], self.w2_slots[slot]
 
 
-@nanovllm.hookimpl
+@hookimpl
 def register_expert_managers(register):
     register(ResidentExperts)
     register(OffloadedExperts)
 
 
-@nanovllm.hookimpl
+@hookimpl
 def register_options(register):
     register("offload_experts_per_layer", None, "expert_manager='offload': device cache slots per MoE layer")
     register("offload_cache_gib", None, "expert_manager='offload': device memory for all layers' cached experts")
-
-
-def select_expert_manager(config) -> type[ExpertManager]:
-    """The manager named by ``expert_manager=``, else the first that claims the checkpoint, else resident."""
-    from nanovllm import plugins
-    managers = plugins.expert_managers()
-    if config.expert_manager is not None:
-        if config.expert_manager not in managers:
-            raise ValueError(f"expert_manager={config.expert_manager!r} is not installed; installed: "
-                             f"{', '.join(sorted(managers))}")
-        return managers[config.expert_manager]
-    return next((cls for cls in managers.values() if cls.claims(config)), managers["resident"])

@@ -3,15 +3,17 @@ import os
 
 import torch
 
-from nanovllm.context import Context
+from nanovllm.engine.context import Context
 from nanovllm.platform import Platform
+from nanovllm.plugins import choose
 
 
 class AttentionBackend:
     """Base class of attention backends. A plugin subclasses it and registers the class.
 
     Class attributes state what the backend supports; the engine checks them before loading
-    the model. An instance serves one attention layer.
+    the model. An instance serves one attention layer; ``config`` is the engine's ``Config``
+    (``config.plugin_options`` holds plugin options).
     """
 
     name: str = ""
@@ -25,11 +27,12 @@ class AttentionBackend:
     block_size_multiple: int = 1
     cuda_graphs: bool = False  # decode steps may be captured in CUDA graphs (no host syncs in forward)
 
-    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float):
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float, config):
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_kv_heads = num_kv_heads
         self.scale = scale
+        self.config = config
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 context: Context) -> torch.Tensor:
@@ -76,22 +79,11 @@ def select_backend(backends: dict[str, type[AttentionBackend]], platform: Platfo
                    head_dim: int, block_size: int, requested: str | None = None) -> tuple[type[AttentionBackend], str]:
     """Return the backend class to use and a sentence saying why."""
     requested = requested or os.environ.get("NANOVLLM_ATTENTION_BACKEND") or None
-    if requested:
-        if requested not in backends:
-            raise ValueError(f"attention_backend={requested!r} is not installed; installed backends: "
-                             f"{sorted(backends) or 'none'}. Install the plugin that provides it.")
-        reason = backends[requested].unsupported_reason(platform, dtype, head_dim, block_size, by_name=True)
-        if reason:
-            raise ValueError(f"attention_backend={requested!r} cannot run here: it {reason} "
-                             f"(platform: {platform.describe()})")
-        return backends[requested], f"{requested} was asked for by name"
-    rejected = {}
-    for name, cls in sorted(backends.items(), key=lambda item: -item[1].priority):
-        reason = cls.unsupported_reason(platform, dtype, head_dim, block_size)
-        if reason is None:
-            return cls, f"{name} is the highest-priority installed backend that supports {platform.describe()}"
-        rejected[name] = reason
-    details = "; ".join(f"{name} {reason}" for name, reason in rejected.items()) or "no backend is installed"
-    raise RuntimeError(f"no attention backend supports {platform.describe()} with dtype "
-                       f"{str(dtype).removeprefix('torch.')} and head size {head_dim} ({details}). "
-                       f"Install {recommended_package(platform)}.")
+    setting = (f"{platform.describe()} with dtype {str(dtype).removeprefix('torch.')}, head size {head_dim} and "
+               f"block size {block_size}")
+    try:
+        return choose(backends, lambda cls, by_name: cls.unsupported_reason(platform, dtype, head_dim, block_size,
+                                                                            by_name),
+                      requested, "attention_backend", "backend", setting)
+    except RuntimeError as exc:
+        raise RuntimeError(f"{exc}. Install {recommended_package(platform)}.") from None

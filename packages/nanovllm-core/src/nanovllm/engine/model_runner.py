@@ -9,16 +9,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nanovllm.attention import AttentionBackend
+from nanovllm.attention_backend import AttentionBackend
 from nanovllm.config import Config
-from nanovllm.context import Context, set_context
-from nanovllm.experts import ExpertManager, select_expert_manager
+from nanovllm.engine.context import Context, set_context
+from nanovllm.engine.kv_compaction import KVCompaction
+from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.expert_manager import select_expert_manager
+from nanovllm.kv_retention import select_kv_retention_policy
 from nanovllm.layers.attention import Attention
-from nanovllm.layers.moe import SparseMoE
 from nanovllm.layers.sampler import Sampler
 from nanovllm.loader import load_model
 from nanovllm.platform import detect_platform
-from nanovllm.scheduler import Batch
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class StepInputs:
     slot_mapping: np.ndarray
     block_tables: np.ndarray
     logits_indices: np.ndarray  # last token of each sequence that samples this step
+    # retention work, per compacted sequence: (first query row, end row, prompt blocks, prompt length, kept, kept blocks)
+    compactions: tuple[tuple[int, int, list[int], int, int, list[int]], ...] = ()
 
     @property
     def is_decode(self) -> bool:
@@ -89,16 +92,8 @@ class ModelRunner:
         torch.set_default_dtype(dtype)
         try:
             with torch.device(self.device):
-                self.model = model_cls(config.hf_config)
-                manager_cls = select_expert_manager(config)
-                moe_layers = [m for m in self.model.modules() if isinstance(m, SparseMoE)]
-                for moe in moe_layers:
-                    moe.experts = manager_cls(moe.num_experts, moe.hidden_size, moe.intermediate_size,
-                                              moe.checkpoint_names, config)
-                if manager_cls.prefetch is not ExpertManager.prefetch:
-                    for moe, next_moe in zip(moe_layers, moe_layers[1:]):
-                        moe.guess_next = lambda x, n=next_moe: n.route(x)[1].cpu()
-                        moe.prefetch_next = next_moe.experts.prefetch
+                self.model = model_cls(config)
+                expert_managers = select_expert_manager(config)[0].install(self.model, config)
             load_model(self.model, config.model)
         except torch.cuda.OutOfMemoryError:
             raise RuntimeError(f"the model's weights do not fit on {platform.describe()} (about "
@@ -108,16 +103,18 @@ class ModelRunner:
             torch.set_default_dtype(default_dtype)
         self.model.eval()
         self.sampler = Sampler()
+        self.retention = select_kv_retention_policy(config)[0](config)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        for layer in self.attention_layers:
-            layer.backend = backend_cls(layer.num_heads, layer.head_dim, layer.num_kv_heads, layer.scale)
+        for index, layer in enumerate(self.attention_layers):
+            layer.backend = backend_cls(layer.num_heads, layer.head_dim, layer.num_kv_heads, layer.scale, config)
+            layer.layer_index = index
         self.pinned: dict[tuple[str, int], torch.Tensor] = {}  # host staging buffers, by field and step parity
         self.num_steps = 0
         self.prev_sampled: torch.Tensor | None = None  # the last step's sampled token ids, on the device
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode batch size -> captured step
         self.graph_vars: dict[str, torch.Tensor] | None = None  # the captured steps' input and output buffers
         self.num_kvcache_blocks = self._allocate_kv_cache(dtype, platform.device_type)
-        graphs_safe = backend_cls.cuda_graphs and all(m.experts.cuda_graphs for m in moe_layers)
+        graphs_safe = backend_cls.cuda_graphs and all(m.cuda_graphs for m in expert_managers)
         if platform.device_type == "cuda" and not config.enforce_eager and graphs_safe:
             self._capture_cuda_graphs()
         if platform.device_type == "cuda":
@@ -243,33 +240,40 @@ class ModelRunner:
 
     # ---- steps -------------------------------------------------------------------------------
 
-    def prepare(self, batch: Batch) -> StepInputs:
+    def prepare(self, batch: ScheduledBatch) -> StepInputs:
         """Flatten the scheduled token runs of a batch into the arrays of one forward pass."""
         num_seqs = len(batch)
-        starts = np.fromiter((seq.num_computed_tokens for seq, _ in batch), np.int64, num_seqs)
-        counts = np.fromiter((n for _, n in batch), np.int64, num_seqs)
-        ends = starts + counts
+        starts = np.array(batch.starts, dtype=np.int64)
+        counts = np.array(batch.num_tokens, dtype=np.int64)
+        dropped = np.array(batch.num_dropped, dtype=np.int64)
         cu_q = np.zeros(num_seqs + 1, dtype=np.int32)
         np.cumsum(counts, out=cu_q[1:])
         cu_k = np.zeros(num_seqs + 1, dtype=np.int32)
-        np.cumsum(ends, out=cu_k[1:])
+        np.cumsum(starts + counts - dropped, out=cu_k[1:])  # KV slots after the step
         if cu_q[-1] == num_seqs:  # all decodes: one token each
-            input_ids = np.fromiter((seq.token_ids[-1] for seq, _ in batch), np.int64, num_seqs)
+            input_ids = np.fromiter((seq.token_ids[start] for seq, start in zip(batch.seqs, batch.starts)), np.int64,
+                                    num_seqs)
         else:
-            input_ids = np.fromiter((t for seq, n in batch for t in seq.token_ids[seq.num_computed_tokens:
-                                                                                  seq.num_computed_tokens + n]),
-                                    np.int64, int(cu_q[-1]))
+            input_ids = np.fromiter((t for seq, start, n in zip(batch.seqs, batch.starts, batch.num_tokens)
+                                     for t in seq.token_ids[start:start + n]), np.int64, int(cu_q[-1]))
         seq_of_token = np.repeat(np.arange(num_seqs), counts)
         positions = np.arange(cu_q[-1], dtype=np.int64) - np.repeat(cu_q[:-1] - starts, counts)
-        max_blocks = max(len(seq.block_table) for seq, _ in batch)
-        block_tables = np.zeros((num_seqs, max_blocks), dtype=np.int32)
-        for i, (seq, _) in enumerate(batch):
-            block_tables[i, :len(seq.block_table)] = seq.block_table
-        slot_mapping = (block_tables[seq_of_token, positions // self.block_size].astype(np.int64) * self.block_size
-                        + positions % self.block_size)
-        samples = ends == np.fromiter((len(seq) for seq, _ in batch), np.int64, num_seqs)
-        logits_indices = cu_q[1:][samples].astype(np.int64) - 1
-        return StepInputs(input_ids, positions, cu_q, cu_k, slot_mapping, block_tables, logits_indices)
+        slots = positions - dropped[seq_of_token]
+        block_tables = np.zeros((num_seqs, max(map(len, batch.block_tables))), dtype=np.int32)
+        for i, table in enumerate(batch.block_tables):
+            block_tables[i, :len(table)] = table
+        slot_mapping = (block_tables[seq_of_token, slots // self.block_size].astype(np.int64) * self.block_size
+                        + slots % self.block_size)
+        logits_indices = cu_q[1:][np.array(batch.sampling)].astype(np.int64) - 1
+        compactions = []
+        for c in batch.compactions:  # the step ends each compacted sequence's prompt
+            num_prompt = int(starts[c.index] + counts[c.index])
+            window = min(self.retention.window, num_prompt)
+            end = int(cu_q[c.index + 1])
+            prompt_blocks = batch.block_tables[c.index][:-(-num_prompt // self.block_size)]
+            compactions.append((end - window, end, prompt_blocks, num_prompt, c.num_kept, c.block_table))
+        return StepInputs(input_ids, positions, cu_q, cu_k, slot_mapping, block_tables, logits_indices,
+                          tuple(compactions))
 
     @torch.inference_mode()
     def run_model(self, inputs: StepInputs) -> torch.Tensor | None:
@@ -287,12 +291,22 @@ class ModelRunner:
             max_seqlen_q=int(np.diff(inputs.cu_seqlens_q).max()), max_seqlen_k=int(seqlens_k.max()),
             slot_mapping=to_device("slot_mapping"), context_lens=cu_seqlens_k.diff(),
             block_tables=to_device("block_tables"), is_decode=inputs.is_decode,
-            is_fresh_prefill=bool((inputs.cu_seqlens_q == inputs.cu_seqlens_k).all())))
+            is_fresh_prefill=bool((inputs.cu_seqlens_q == inputs.cu_seqlens_k).all()),
+            compaction=self._compaction(inputs)))
         try:
             hidden = self.model(self._input_ids(inputs), to_device("positions"))
             return self.model.compute_logits(hidden[to_device("logits_indices")])
         finally:
             set_context(None)
+
+    def _compaction(self, inputs: StepInputs) -> KVCompaction | None:
+        if not inputs.compactions:
+            return None
+        first, end, prompt_blocks, num_prompt, num_kept, kept_blocks = zip(*inputs.compactions)
+        def tensors(tables):
+            return [torch.tensor(table, dtype=torch.int64, device=self.device) for table in tables]
+        return KVCompaction(self.retention, list(zip(first, end)), tensors(prompt_blocks), list(num_prompt),
+                            list(num_kept), tensors(kept_blocks))
 
     def _staged(self, name: str, array: np.ndarray) -> torch.Tensor:
         """``array`` as a tensor; on CUDA in a reused pinned buffer, so its copy to the GPU is asynchronous.
@@ -325,12 +339,12 @@ class ModelRunner:
         return ids
 
     @torch.inference_mode()
-    def step(self, batch: Batch) -> SampledTokens:
-        """Rank 0: launch a batch on every rank and sample one token per sequence that completes;
+    def step(self, batch: ScheduledBatch) -> SampledTokens:
+        """Rank 0: launch a batch on every rank and sample one token per sequence that samples;
         returns without waiting for the GPU."""
         inputs = self.prepare(batch)
         logits = self.call("run_model", inputs)
-        sampling = [seq for seq, n in batch if seq.num_computed_tokens + n == len(seq)]
+        sampling = [seq for seq, samples in zip(batch.seqs, batch.sampling) if samples]
         if not sampling:
             return SampledTokens(torch.empty(0, dtype=torch.int64))
         params = [seq.sampling_params for seq in sampling]

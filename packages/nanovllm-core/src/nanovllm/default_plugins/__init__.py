@@ -1,0 +1,1 @@
+"""Core's own plugins, registered through the hooks like third-party ones (see ``plugins.DEFAULT_PLUGINS``)."""

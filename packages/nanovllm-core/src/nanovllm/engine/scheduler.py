@@ -1,0 +1,234 @@
+"""Continuous batching under a token budget, with chunked prefill, preemption by recompute and KV retention."""
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from nanovllm.config import Config
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.kv_retention import KVRetentionPolicy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Compaction:
+    """Retention work in a step: sequence ``index`` of the batch completes its prompt, and its ``num_kept``
+    KV entries per layer and head go to the fresh blocks ``block_table``."""
+
+    index: int
+    num_kept: int
+    block_table: list[int]
+
+
+@dataclass
+class ScheduledBatch:
+    """One step as the scheduler decided it: the model runner and the engine read it, nothing recomputes it.
+
+    Sequence i computes the tokens at positions [starts[i], starts[i] + num_tokens[i]); a token at position p
+    has its K and V in slot p - num_dropped[i] of ``block_tables[i]`` (the step's own tables: a compaction
+    gives the sequence new ones for later steps).
+    """
+
+    seqs: list[Sequence] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    starts: list[int] = field(default_factory=list)
+    num_dropped: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=list)
+    sampling: list[bool] = field(default_factory=list)  # its last token is computed: it samples the next
+    compactions: list[Compaction] = field(default_factory=list)
+    num_prefill_tokens: int = 0
+    num_decode_tokens: int = 0
+
+    def add(self, seq: Sequence, num_tokens: int, num_kept: int, block_table: list[int]):
+        if num_kept:
+            self.compactions.append(Compaction(len(self.seqs), num_kept, block_table))
+        start = seq.num_computed_tokens
+        self.seqs.append(seq)
+        self.num_tokens.append(num_tokens)
+        self.starts.append(start)
+        self.num_dropped.append(seq.num_dropped_tokens)
+        self.block_tables.append(seq.block_table)
+        self.sampling.append(start + num_tokens == len(seq))
+        if num_tokens == 1 and start >= seq.num_prompt_tokens:
+            self.num_decode_tokens += 1
+        else:
+            self.num_prefill_tokens += num_tokens
+
+    def __len__(self):
+        return len(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, config: Config, num_kvcache_blocks: int, retention: KVRetentionPolicy | None = None):
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_model_len = config.max_model_len
+        self.enable_chunked_prefill = config.enable_chunked_prefill
+        self.eos_token_ids = config.eos_token_ids
+        self.block_manager = BlockManager(num_kvcache_blocks, config.kvcache_block_size, config.enable_prefix_caching)
+        self.retention = retention
+        if retention is not None and retention.window > self.max_num_batched_tokens - self.max_num_seqs + 1:
+            raise ValueError(f"the KV-retention policy {retention.name!r} reads the last {retention.window} queries of "
+                             f"a prompt in one step, but a step with max_num_seqs={self.max_num_seqs} running sequences "
+                             f"may have as few as max_num_batched_tokens - max_num_seqs + 1 = "
+                             f"{self.max_num_batched_tokens - self.max_num_seqs + 1} tokens for it: raise "
+                             f"max_num_batched_tokens or lower max_num_seqs")
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # oldest first: the newest is preempted first
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence):
+        self.waiting.append(seq)
+
+    def is_finished(self) -> bool:
+        return not self.waiting and not self.running
+
+    def schedule(self) -> ScheduledBatch:
+        """Running decodes first, then prefills in progress, then waiting requests, in the budget; the
+        scheduled tokens count as computed from here on (their sampled tokens come with ``update``)."""
+        budget = self.max_num_batched_tokens
+        batch = ScheduledBatch()
+        scheduled: set[int] = set()
+        decodes = [seq for seq in self.running if seq.num_uncomputed_tokens == 1]
+        prefills = [seq for seq in self.running if seq.num_uncomputed_tokens > 1]
+        for seq in decodes + prefills:
+            if budget == 0:
+                break
+            if seq.status != SequenceStatus.RUNNING or seq.finish_reason:
+                continue  # preempted earlier in this loop, or its last token is in flight
+            num_tokens, num_kept = self._chunk(seq, seq.num_computed_tokens, budget)
+            if num_tokens == 0:
+                continue
+            fresh = self._blocks_for(num_kept)
+            if self._make_room(seq, seq.num_kv_slots + num_tokens, fresh, scheduled):
+                self.block_manager.allocate(seq, seq.num_kv_slots + num_tokens)
+                batch.add(seq, num_tokens, num_kept, self.block_manager.allocate_blocks(fresh))
+                scheduled.add(seq.seq_id)
+                budget -= num_tokens
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if seq.token_ids[-1] < 0:
+                break  # preempted with a token still in flight: recompute once it is known
+            cached_ids, cached_hashes = self.block_manager.find_cached_blocks(seq, self._cacheable_tokens(seq))
+            num_computed = len(cached_ids) * self.block_manager.block_size
+            num_tokens, num_kept = self._chunk(seq, num_computed, budget)
+            whole = (seq.num_prompt_tokens if self._compacts(seq) else len(seq)) - num_computed
+            if num_tokens == 0 or (num_tokens < whole and not self.enable_chunked_prefill):
+                break
+            fresh = self._blocks_for(num_kept)
+            if not self.block_manager.can_allocate(seq, num_computed + num_tokens, cached_ids, fresh):
+                break
+            self.block_manager.allocate(seq, num_computed + num_tokens, cached_ids, cached_hashes)
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            batch.add(seq, num_tokens, num_kept, self.block_manager.allocate_blocks(fresh))
+            budget -= num_tokens
+        self._advance(batch)
+        return batch
+
+    def _compacts(self, seq: Sequence) -> bool:
+        """Whether the retention policy will drop KV of ``seq`` when its prompt completes (not done yet)."""
+        return (self.retention is not None and seq.num_computed_tokens <= seq.num_prompt_tokens
+                and not seq.num_dropped_tokens and self.retention.num_kept(seq.num_prompt_tokens) < seq.num_prompt_tokens)
+
+    def _window(self, seq: Sequence) -> int:
+        """Prompt tokens that the step completing the prompt must compute: the policy's window, at least one."""
+        return min(max(self.retention.window, 1), seq.num_prompt_tokens)
+
+    def _cacheable_tokens(self, seq: Sequence) -> int:
+        """How many leading tokens may come from the prefix cache: all but the last, and never the prompt's
+        window when it will be compacted (its queries must be computed)."""
+        if self._compacts(seq):
+            return seq.num_prompt_tokens - self._window(seq)
+        return len(seq) - 1
+
+    def _chunk(self, seq: Sequence, start: int, budget: int) -> tuple[int, int]:
+        """Tokens to compute from position ``start`` in ``budget``, and the KV entries to keep after them (0: no
+        compaction). A chunk that reaches the prompt's end stops there when the prompt is compacted, and no chunk
+        ends inside the policy's window, whose queries must all be computed in the compacting step."""
+        num_tokens = min(len(seq) - start, budget)
+        if not self._compacts(seq):
+            return num_tokens, 0
+        prompt, end = seq.num_prompt_tokens, start + num_tokens
+        if end >= prompt:
+            return prompt - start, self.retention.num_kept(prompt)
+        return max(0, min(end, prompt - self._window(seq)) - start), 0
+
+    def _blocks_for(self, num_kept: int) -> int:
+        return -(-num_kept // self.block_manager.block_size)
+
+    def _make_room(self, seq: Sequence, num_slots: int, extra_blocks: int, scheduled: set[int]) -> bool:
+        """Preempt the newest unscheduled sequences until ``seq`` fits; False if ``seq`` itself went."""
+        while not self.block_manager.can_allocate(seq, num_slots, extra_blocks=extra_blocks):
+            victims = [s for s in self.running if s.seq_id not in scheduled and s is not seq]
+            victim = victims[-1] if victims else seq
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence):
+        logger.debug("preempting sequence %d: out of KV blocks", seq.seq_id)
+        self.num_preemptions += 1
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _advance(self, batch: ScheduledBatch):
+        """Count the batch's tokens as computed before the step runs, and apply its compactions.
+
+        Each sequence that samples gets a placeholder token ``-(i + 1)``: "the i-th token sampled by the step in
+        flight", which the next step can read on the device. A sequence whose token is its last by length is
+        marked so and scheduled no more.
+        """
+        num_sampling = 0
+        for seq, num_tokens, sampling in zip(batch.seqs, batch.num_tokens, batch.sampling):
+            seq.num_computed_tokens += num_tokens
+            if not sampling:
+                continue
+            num_sampling += 1
+            seq.token_ids.append(-num_sampling)
+            if seq.num_completion_tokens >= seq.sampling_params.max_tokens or len(seq) >= self.max_model_len:
+                seq.finish_reason = "length"
+        for compaction in batch.compactions:
+            self.block_manager.compact(batch.seqs[compaction.index], compaction.block_table, compaction.num_kept)
+
+    def update(self, batch: ScheduledBatch, sampled_token_ids: list[int]) -> list[Sequence]:
+        """Put a step's sampled tokens (one per sampling sequence) in place of their placeholders; finish the
+        sequences that stop or reached their length; returns them."""
+        finished = []
+        sampling = (i for i, samples in enumerate(batch.sampling) if samples)
+        for i, token_id in zip(sampling, sampled_token_ids):
+            seq, index = batch.seqs[i], batch.starts[i] + batch.num_tokens[i]
+            if seq.status == SequenceStatus.FINISHED:
+                continue
+            seq.token_ids[index] = token_id
+            params = seq.sampling_params
+            if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+                seq.finish_reason = "stop"
+                del seq.token_ids[index + 1:]  # a token the next step computed past the stop
+            if seq.finish_reason and index == len(seq) - 1:
+                self._finish(seq)
+                finished.append(seq)
+            else:
+                self.block_manager.cache_full_blocks(seq)
+        return finished
+
+    def _finish(self, seq: Sequence):
+        if seq.status == SequenceStatus.RUNNING:
+            self.block_manager.free(seq)
+            self.running.remove(seq)
+        else:  # preempted while its last token was in flight; its blocks are already free
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def abort_all(self):
+        """Drop every unfinished request and free its blocks (after an error mid-generate)."""
+        for seq in self.running:
+            self.block_manager.free(seq)
+            seq.status = SequenceStatus.FINISHED
+        self.running.clear()
+        self.waiting.clear()
