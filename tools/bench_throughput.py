@@ -1,6 +1,7 @@
 """Throughput on upstream nano-vllm's bench.py workload, nanovllm beside upstream in one run.
 
-    python tools/bench_throughput.py [--upstream PATH_TO_NANO_VLLM_CHECKOUT] [--model PATH] [--json FILE]
+    python tools/bench_throughput.py [--upstream PATH_TO_NANO_VLLM_CHECKOUT] [--baseline LABEL=PYTHONPATH]
+                                     [--model PATH] [--json FILE]
 
 Each engine runs in its own process on the same checkpoint (Qwen3-0.6B shape, random weights, made
 locally unless --model is given) and the same workload: 256 sequences, input and output lengths
@@ -92,6 +93,8 @@ def main():
     parser.add_argument("--dtype", help="compute dtype for every engine (default: the checkpoint's)")
     parser.add_argument("--backend", action="append", default=[], metavar="NAME=PYTHONPATH",
                         help="also run nanovllm with this attention backend, PYTHONPATH prepended (fa1=/tmp/fa1)")
+    parser.add_argument("--baseline", action="append", default=[], metavar="LABEL=PYTHONPATH",
+                        help="also run another nanovllm source tree (e.g. an older commit's packages/*/src joined by :)")
     parser.add_argument("--json", help="write the summary here")
     parser.add_argument("--run-engine", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
@@ -122,16 +125,23 @@ def main():
             name, _, path = backend.partition("=")
             summary[f"nanovllm[{name}]"] = child(model, workload_file, {**options, "attention_backend": name},
                                                  pythonpath=path or None)
+        for baseline in args.baseline:
+            label, _, path = baseline.partition("=")
+            summary[label] = child(model, workload_file, options, pythonpath=path)
+            summary[f"ratio_to_{label}"] = summary["nanovllm"]["throughput"] / summary[label]["throughput"]
         if args.upstream:
             summary["upstream"] = child(model, workload_file, options, pythonpath=os.path.abspath(args.upstream))
             summary["ratio"] = summary["nanovllm"]["throughput"] / summary["upstream"]["throughput"]
         if torch.cuda.is_available():
             summary["hbm_bound"] = hbm_bound(model, prompts, max_tokens, gpu, args.tensor_parallel_size)
             summary["fraction_of_bound"] = summary["hbm_bound"]["bound_seconds"] / summary["nanovllm"]["seconds"]
-    for engine in ["nanovllm", *(f"nanovllm[{b.partition('=')[0]}]" for b in args.backend), "upstream"]:
+    baselines = [b.partition("=")[0] for b in args.baseline]
+    for engine in ["nanovllm", *(f"nanovllm[{b.partition('=')[0]}]" for b in args.backend), *baselines, "upstream"]:
         if engine in summary:
             r = summary[engine]
             print(f"{engine:>14}: {r['output_tokens']} tok in {r['seconds']:.2f} s = {r['throughput']:.0f} tok/s")
+    for label in baselines:
+        print(f"    ratio: {summary[f'ratio_to_{label}']:.3f}x {label}")
     if "ratio" in summary:
         print(f"    ratio: {summary['ratio']:.3f}x upstream")
     if "hbm_bound" in summary:

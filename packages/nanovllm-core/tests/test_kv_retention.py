@@ -5,10 +5,9 @@ The reference is Hugging Face transformers with an attention function that hides
 entries from every query after the prompt (nanovllm.testing.hf_greedy_mismatches(dropped=...)).
 """
 import pytest
-import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.testing import make_prompts
+from nanovllm.testing import make_prompts, recent_dropped
 
 FIRST, LAST = 2, 5
 OPTIONS = dict(kvcache_block_size=8, max_model_len=128, max_num_seqs=8, max_num_batched_tokens=64)
@@ -19,21 +18,6 @@ MODES = {
     "tensor-parallel": dict(tensor_parallel_size=2),
 }
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-
-
-def recent_dropped(path: str, prompts: list[list[int]], first: int = FIRST, last: int = LAST):
-    """For each prompt, bool [layers, kv_heads, len] of what `recent` drops (None when it keeps all)."""
-    from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(path)
-    masks = []
-    for prompt in prompts:
-        if len(prompt) <= first + last:
-            masks.append(None)
-            continue
-        dropped = torch.zeros(config.num_hidden_layers, config.num_key_value_heads, len(prompt), dtype=torch.bool)
-        dropped[:, :, first:len(prompt) - last] = True
-        masks.append(dropped)
-    return masks
 
 
 def assert_all_blocks_released(llm):
@@ -68,7 +52,7 @@ def test_recent_matches_hf_with_the_dropped_entries_hidden(tiny_checkpoint, asse
     assert [o["token_ids"] for o in again] == [o["token_ids"] for o in outputs[-2:]]
     if mode != "preemption":  # (a pool of 8 blocks reuses the prompts' blocks before they are asked for again)
         assert all(o["num_cached_tokens"] > 0 for o in again)
-    assert_matches_hf(path, prompts, outputs, dropped=recent_dropped(path, prompts))
+    assert_matches_hf(path, prompts, outputs, dropped=recent_dropped(path, prompts, FIRST, LAST))
 
 
 def test_the_reference_tells_dropped_entries_apart(tiny_checkpoint):
@@ -78,7 +62,7 @@ def test_the_reference_tells_dropped_entries_apart(tiny_checkpoint):
     prompts = make_prompts()[-2:]  # 30 and 45 tokens: most of each prompt is dropped
     outputs, _, _ = generate(path, prompts)
     tokens = [o["token_ids"] for o in outputs]
-    assert hf_greedy_mismatches(path, prompts, tokens, dropped=recent_dropped(path, prompts)) == []
+    assert hf_greedy_mismatches(path, prompts, tokens, dropped=recent_dropped(path, prompts, FIRST, LAST)) == []
     assert hf_greedy_mismatches(path, prompts, tokens)  # full attention disagrees
     assert hf_greedy_mismatches(path, prompts, tokens, dropped=recent_dropped(path, prompts, FIRST + 3, LAST - 3))
 

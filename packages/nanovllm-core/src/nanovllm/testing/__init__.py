@@ -175,7 +175,25 @@ GPU_MODES = {
     "chunked-prefill": dict(max_num_batched_tokens=256, max_num_seqs=8),
     "preemption": dict(num_kvcache_blocks=5, max_model_len=1024),
     "no-prefix-cache": dict(enable_prefix_caching=False),
+    # prompts over 204 tokens keep their first 4 and last 200: decode graphs attend over the kept slots
+    "kv-retention": dict(kv_retention="recent", kv_keep_first=4, kv_keep_last=200),
 }
+
+
+def recent_dropped(path: str, prompts: list[list[int]], first: int, last: int) -> list[torch.Tensor | None]:
+    """For each prompt, what the ``recent`` policy drops (bool [layers, kv_heads, len], or None when it keeps
+    all): hf_greedy_mismatches's ``dropped``."""
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(path)
+    masks = []
+    for prompt in prompts:
+        if len(prompt) <= first + last:
+            masks.append(None)
+            continue
+        dropped = torch.zeros(config.num_hidden_layers, config.num_key_value_heads, len(prompt), dtype=torch.bool)
+        dropped[:, :, first:len(prompt) - last] = True
+        masks.append(dropped)
+    return masks
 
 
 def check_gpu_greedy_matches_hf(path: str, mode: str, backend: str, dtype: torch.dtype, tol: float = 0.1,
@@ -200,6 +218,10 @@ def check_gpu_greedy_matches_hf(path: str, mode: str, backend: str, dtype: torch
         assert all(o["num_cached_tokens"] >= 256 for o in again)
     if mode == "preemption":
         assert num_preemptions > 0
+    options = GPU_MODES[mode]
+    dropped = None
+    if options.get("kv_retention") == "recent":
+        dropped = recent_dropped(path, prompts + prompts[-2:], options["kv_keep_first"], options["kv_keep_last"])
     problems = hf_greedy_mismatches(path, prompts + prompts[-2:], [o["token_ids"] for o in outputs + again],
-                                    tol=tol, device="cuda", dtype=dtype, **near_ties)
+                                    tol=tol, device="cuda", dtype=dtype, dropped=dropped, **near_ties)
     assert not problems, "\n".join(problems)
