@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from nanovllm.default_plugins.expert_managers import grouped_experts
+from nanovllm.layers.moe import grouped_experts
 
 
 def check(grouped_moe, device, dtype, tokens=13, hidden=32, inter=24, experts=5, top_k=2, tol=1e-4):

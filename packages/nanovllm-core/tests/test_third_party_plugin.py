@@ -38,12 +38,16 @@ PLUGIN = '''\
 import nanovllm
 from nanovllm_attn_mps import TorchPagedAttention
 
-calls = {"forward": 0, "decode": 0}
+calls = {"forward": 0, "decode": 0, "option_seen": None}
 
 
 class ExampleAttention(TorchPagedAttention):
     name = "example"
     priority = 5  # below "mps" (10): on CPU and MPS it is used only when asked for by name
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        calls["option_seen"] = self.config.plugin_options["example_option"]  # options reach the backend
 
     def forward(self, q, k, v, kv_cache, context):
         calls["forward"] += 1
@@ -163,12 +167,13 @@ def test_third_party_plugin_is_discovered_and_used(tmp_path, tiny_checkpoint):
     assert "Chosen: example" not in used["info"]  # priority 5: unasked, a higher-priority backend wins
     # the counter moves only when the example backend runs, and the option has its default
     assert used["reference"]["backend"] == ["nanovllm_attn_mps", "mps"]
-    assert used["calls_after_reference"] == {"forward": 0, "decode": 0}
+    assert used["calls_after_reference"] == {"forward": 0, "decode": 0, "option_seen": None}
     assert used["reference"]["plugin_options"]["example_option"] == "unset"
     # asked for by name, the engine builds the plugin's class and runs it, decode steps included
     assert used["example"]["backend"] == [MODULE, "example"]
     calls = used["calls_after_example"]
     assert calls["forward"] > 0 and calls["decode"] > 0, calls
+    assert calls["option_seen"] == "from the test"  # the backend got the engine's Config
     assert used["example"]["plugin_options"]["example_option"] == "from the test"
     # it is the same arithmetic as the backend it subclasses, so greedy tokens agree
     assert all(len(tokens) == 6 for tokens in used["example"]["tokens"])

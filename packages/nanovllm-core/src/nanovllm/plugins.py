@@ -49,9 +49,12 @@ def load_plugins():
 
 
 def _collect(hook_name: str) -> list[tuple]:
+    """What the plugins register, in the order they were loaded (core's defaults first): equal priorities
+    go to the earlier one."""
     load_plugins()
     items = []
-    getattr(pm.hook, hook_name)(register=lambda *args: items.append(args))
+    for hookimpl in getattr(pm.hook, hook_name).get_hookimpls():  # registration order (pluggy calls LIFO)
+        hookimpl.function(register=lambda *args: items.append(args))
     return items
 
 

@@ -7,8 +7,7 @@ from torch import nn
 
 from nanovllm.expert_manager import ExpertManager
 from nanovllm.hookspecs import hookimpl
-from nanovllm.layers.activation import silu_and_mul
-from nanovllm.layers.moe import SparseMoE
+from nanovllm.layers.moe import SparseMoE, grouped_experts
 
 
 class ResidentExperts(ExpertManager):
@@ -37,30 +36,6 @@ class ResidentExperts(ExpertManager):
             from nanovllm.kernels.grouped_moe import grouped_moe
             return grouped_moe(x, self.w13, self.w2, topk_weights, topk_ids)
         return grouped_experts(x, topk_weights, topk_ids, lambda e: (self.w13[e], self.w2[e]))
-
-
-def grouped_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_weights,
-                    out: torch.Tensor | None = None, only: set[int] | None = None) -> torch.Tensor:
-    """Sort the (token, expert) pairs by expert and run each expert once over its tokens, adding into ``out``.
-
-    ``expert_weights(e)`` gives expert e's (w13 [2I, H], w2 [H, I]); ``only`` limits which experts run.
-    """
-    top_k = topk_ids.size(1)
-    flat_ids = topk_ids.flatten()
-    order = flat_ids.argsort(stable=True)
-    counts = torch.bincount(flat_ids, minlength=1).tolist()
-    weights = topk_weights.flatten()[order].to(x.dtype).unsqueeze(1)
-    out = torch.zeros_like(x) if out is None else out
-    start = 0
-    for expert, count in enumerate(counts):
-        if count and (only is None or expert in only):
-            pairs = slice(start, start + count)
-            tokens = order[pairs] // top_k
-            w13, w2 = expert_weights(expert)
-            y = silu_and_mul(x[tokens] @ w13.t()) @ w2.t()
-            out.index_add_(0, tokens, y * weights[pairs])
-        start += count
-    return out
 
 
 class OffloadedExperts(ExpertManager):

@@ -303,10 +303,11 @@ class ModelRunner:
         if not inputs.compactions:
             return None
         first, end, prompt_blocks, num_prompt, num_kept, kept_blocks = zip(*inputs.compactions)
-        def tensors(tables):
-            return [torch.tensor(table, dtype=torch.int64, device=self.device) for table in tables]
-        return KVCompaction(self.retention, list(zip(first, end)), tensors(prompt_blocks), list(num_prompt),
-                            list(num_kept), tensors(kept_blocks))
+        return KVCompaction(self.retention, list(zip(first, end)), self._block_tensors(prompt_blocks),
+                            list(num_prompt), list(num_kept), self._block_tensors(kept_blocks))
+
+    def _block_tensors(self, tables) -> list[torch.Tensor]:
+        return [torch.tensor(table, dtype=torch.int64, device=self.device) for table in tables]
 
     def _staged(self, name: str, array: np.ndarray) -> torch.Tensor:
         """``array`` as a tensor; on CUDA in a reused pinned buffer, so its copy to the GPU is asynchronous.

@@ -2,6 +2,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from nanovllm.layers.activation import silu_and_mul
 from nanovllm.layers.linear import ReplicatedLinear, tp_rank_and_size
 
 
@@ -42,3 +43,27 @@ class SparseMoE(nn.Module):
         if self.tp_size > 1:
             dist.all_reduce(out)
         return out
+
+
+def grouped_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_weights,
+                    out: torch.Tensor | None = None, only: set[int] | None = None) -> torch.Tensor:
+    """Sort the (token, expert) pairs by expert and run each expert once over its tokens, adding into ``out``.
+
+    ``expert_weights(e)`` gives expert e's (w13 [2I, H], w2 [H, I]); ``only`` limits which experts run.
+    """
+    top_k = topk_ids.size(1)
+    flat_ids = topk_ids.flatten()
+    order = flat_ids.argsort(stable=True)
+    counts = torch.bincount(flat_ids, minlength=1).tolist()
+    weights = topk_weights.flatten()[order].to(x.dtype).unsqueeze(1)
+    out = torch.zeros_like(x) if out is None else out
+    start = 0
+    for expert, count in enumerate(counts):
+        if count and (only is None or expert in only):
+            pairs = slice(start, start + count)
+            tokens = order[pairs] // top_k
+            w13, w2 = expert_weights(expert)
+            y = silu_and_mul(x[tokens] @ w13.t()) @ w2.t()
+            out.index_add_(0, tokens, y * weights[pairs])
+        start += count
+    return out
