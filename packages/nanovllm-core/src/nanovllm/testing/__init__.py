@@ -100,8 +100,10 @@ def hf_greedy_mismatches(path: str, prompts: list[list[int]], outputs: list[list
     much the two logits move between HF's own two precisions; with ``router_tol`` a token may differ where some
     layer's k-th and (k+1)-th router logits are that close (a rounding difference flips an expert there).
 
-    ``dropped[i]`` (bool [layers, kv_heads, len(prompt)], or None) names the KV entries that a retention policy
-    dropped from prompt i: Hugging Face's attention then hides them from every query after the prompt.
+    ``dropped[i]`` names the KV entries that a retention policy dropped from prompt i: Hugging Face's attention
+    then hides them from every query after the prompt. It is None (nothing dropped), bool [layers, kv_heads,
+    len(prompt)], or a function ``(layer, query, key, scale) -> bool [kv_heads, len(prompt)]`` that computes them
+    from Hugging Face's own query [1, heads, tokens, dim] and key [1, kv_heads, tokens, dim] (after rotary).
     """
     from transformers import AttentionInterface, AutoModelForCausalLM
     AttentionInterface.register("nanovllm_dropped_kv", _attention_without_dropped_kv)
@@ -113,7 +115,7 @@ def hf_greedy_mismatches(path: str, prompts: list[list[int]], outputs: list[list
     for i, (prompt, output) in enumerate(zip(prompts, outputs)):
         assert output, f"prompt {i} produced no tokens"
         ids = torch.tensor([prompt + output[:-1]], device=device)
-        _dropped_kv[:] = [] if dropped is None or dropped[i] is None else [dropped[i].to(device)]
+        _dropped_kv[:] = [] if dropped is None or dropped[i] is None else [dropped[i]]
         with torch.no_grad():
             result = models[0](ids, **({"output_router_logits": True} if router_tol else {}))
             logits = result.logits[0, len(prompt) - 1:].float()
@@ -131,20 +133,22 @@ def hf_greedy_mismatches(path: str, prompts: list[list[int]], outputs: list[list
     return problems
 
 
-_dropped_kv: list[torch.Tensor] = []  # the prompt's dropped KV entries while hf_greedy_mismatches runs it
+_dropped_kv: list = []  # the prompt's dropped KV entries (mask or function) while hf_greedy_mismatches runs it
 
 
 def _attention_without_dropped_kv(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Eager causal attention for one sequence (query [1, heads, q, dim], key and value [1, kv_heads, k, dim])
     where queries after the prompt do not see the prompt's KV entries in ``_dropped_kv``."""
     group = query.size(1) // key.size(1)
-    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
     num_q, num_k = query.size(2), key.size(2)
     visible = torch.ones(query.size(1), num_q, num_k, dtype=torch.bool, device=query.device).tril(num_k - num_q)
     if _dropped_kv:
-        dropped = _dropped_kv[0][module.layer_idx].repeat_interleave(group, 0)  # [heads, prompt]
+        spec = _dropped_kv[0]
+        dropped = spec(module.layer_idx, query, key, scaling) if callable(spec) else spec[module.layer_idx]
+        dropped = dropped.to(query.device).repeat_interleave(group, 0)  # [heads, prompt]
         prompt = dropped.size(1)
         visible[:, prompt:, :prompt] &= ~dropped.unsqueeze(1)
+    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
     scores = (query.float() @ key.float().transpose(-1, -2)) * scaling
     probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
     return (probs @ value.float()).to(query.dtype).transpose(1, 2).contiguous(), probs
