@@ -211,3 +211,46 @@ def test_snapkv_by_name_and_enable_snapkv_pick_the_policy(tiny_checkpoint):
     llm = LLM(path, **{**OPTIONS, "enable_snapkv": False})
     assert type(llm.scheduler.retention).name == "keep-all"
     llm.exit()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["qwen3", "llama3", "mixtral"])
+def test_on_flash_attn_the_selection_is_the_references_and_tokens_match_hf(model, tiny_checkpoint):
+    """On fa2 (fa1 where flash-attn 1 is the one installed), decode CUDA graphs on: each selection made on CUDA
+    equals the dense reference on the same queries and keys, and greedy tokens equal Hugging Face's with exactly
+    the selected entries hidden (bf16 near-ties allowed, MoE routing near-ties too)."""
+    import random
+
+    from nanovllm.platform import flash_attn_version
+    from nanovllm.testing import GPU_MOE, GPU_TINY
+    window, limit, kernel = 32, 300, 7
+    backend, dtype = ("fa1", torch.float16) if (flash_attn_version() or "").startswith("1.") else ("fa2", torch.bfloat16)
+    path = tiny_checkpoint(model, **{**GPU_TINY, "dtype": dtype, **GPU_MOE.get(model, {})})
+    llm = LLM(path, attention_backend=backend, max_model_len=2048, enable_snapkv=True, snapkv_limit=limit,
+              snapkv_attn_sample_queries=window, snapkv_pool_kernel=kernel, max_num_batched_tokens=512)
+    policy, calls = llm.model_runner.retention, []
+    select = policy.select
+
+    def recorded_select(layer, queries, keys, num_kept, scale):
+        calls.append((layer, queries, keys, num_kept, scale, select(layer, queries, keys, num_kept, scale)))
+        return calls[-1][-1]
+    policy.select = recorded_select
+    rng = random.Random(0)
+    prompts = [[rng.randrange(512) for _ in range(n)] for n in (100, 700, 1300)]  # the longer two are compacted
+    dropped, tokens = [], []
+    for prompt in prompts:  # one at a time, to know which selections belong to which prompt
+        calls.clear()
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+        tokens.append(llm.generate([prompt], params, use_tqdm=False)[0]["token_ids"])
+        mask = torch.ones(len(calls), llm.config.hf_config.num_key_value_heads, len(prompt), dtype=torch.bool)
+        for layer, queries, keys, num_kept, scale, positions in calls:
+            assert [sorted(row) for row in positions.tolist()] == reference_selection(
+                queries.cpu(), keys.cpu(), scale, window, num_kept, kernel)
+            mask[layer].scatter_(1, positions.cpu(), False)
+        dropped.append(mask if calls else None)
+    llm.exit()
+    assert dropped[0] is None and dropped[1] is not None and dropped[2] is not None
+    near_ties = dict(noise_dtype=torch.float32, router_tol=0.04) if model in GPU_MOE else {}
+    problems = hf_greedy_mismatches(path, prompts, tokens, tol=0.1, device="cuda", dtype=dtype, dropped=dropped,
+                                    **near_ties)
+    assert not problems, "\n".join(problems)

@@ -5,8 +5,10 @@ The pytest fixtures built on these (``tiny_checkpoint``, ``assert_matches_hf``) 
 come with nanovllm-core as a pytest plugin (``nanovllm.testing.pytest_plugin``). Nothing here downloads.
 """
 import os
+import random
 import subprocess
 import sys
+from dataclasses import dataclass
 
 import torch
 
@@ -85,7 +87,6 @@ PROMPT_LENS = (1, 7, 8, 9, 30, 45)
 
 
 def make_prompts(seed: int = 0) -> list[list[int]]:
-    import random
     rng = random.Random(seed)
     return [[rng.randrange(512) for _ in range(n)] for n in PROMPT_LENS]
 
@@ -204,8 +205,6 @@ def check_gpu_greedy_matches_hf(path: str, mode: str, backend: str, dtype: torch
                                 **near_ties):
     """Greedy tokens of ``backend`` in ``mode`` against Hugging Face in ``dtype`` on the GPU, with prompts of
     1 token to several 256-token blocks and a shared prefix generated twice (prefix-cache hits)."""
-    import random
-
     from nanovllm import LLM, SamplingParams
     llm = LLM(path, **{"max_model_len": 2048, "attention_backend": backend, "dtype": str(dtype).removeprefix("torch."),
                        **GPU_MODES[mode]})
@@ -229,3 +228,41 @@ def check_gpu_greedy_matches_hf(path: str, mode: str, backend: str, dtype: torch
     problems = hf_greedy_mismatches(path, prompts + prompts[-2:], [o["token_ids"] for o in outputs + again],
                                     tol=tol, device="cuda", dtype=dtype, dropped=dropped, **near_ties)
     assert not problems, "\n".join(problems)
+
+
+@dataclass(frozen=True)
+class RetrievalTask:
+    """Synthetic key-value retrieval, to judge what a KV-retention policy keeps: ``num_pairs`` (key, value)
+    token pairs spread through random filler, then a question (the query marker and one of the keys) whose
+    answer is that key's value. Random weights cannot show which KV entries matter; a small model trained on
+    this task can (tools/train_retrieval_model.py)."""
+
+    bos: int = 1
+    query: int = 3
+    filler: tuple[int, int] = (10, 100)  # token id ranges, end excluded
+    keys: tuple[int, int] = (100, 300)
+    values: tuple[int, int] = (300, 500)
+    num_pairs: int = 8
+
+    def sample(self, length: int, rng: random.Random, num_questions: int = 1) -> tuple[list[int], list[int]]:
+        """(prompt, continuation): a ``length``-token prompt ending in a question, and after it that question's
+        answer followed by ``num_questions - 1`` more questions, each with its answer."""
+        body = rng.choices(range(*self.filler), k=length - 3)
+        keys = rng.sample(range(*self.keys), self.num_pairs)
+        values = [rng.randrange(*self.values) for _ in keys]
+        for slot, key, value in zip(rng.sample(range(len(body) // 2), self.num_pairs), keys, values):
+            body[2 * slot:2 * slot + 2] = [key, value]
+        asked = rng.sample(range(self.num_pairs), num_questions)
+        continuation = [values[asked[0]]]
+        for i in asked[1:]:
+            continuation += [self.query, keys[i], values[i]]
+        return [self.bos, *body, self.query, keys[asked[0]]], continuation
+
+
+def retrieval_accuracy(llm, task: RetrievalTask, length: int, num_prompts: int, seed: int = 0) -> float:
+    """Share of ``num_prompts`` questions (``length``-token prompts, seeded) that ``llm`` answers right, greedy."""
+    from nanovllm import SamplingParams
+    rng = random.Random(seed)
+    prompts, answers = zip(*(task.sample(length, rng) for _ in range(num_prompts)))
+    outputs = llm.generate(list(prompts), SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
+    return sum(o["token_ids"][0] == answer[0] for o, answer in zip(outputs, answers)) / num_prompts
