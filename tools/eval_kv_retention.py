@@ -13,7 +13,7 @@ from nanovllm.testing import RetrievalTask, retrieval_accuracy
 
 
 def accuracy(model, length, num_prompts, **options):
-    llm = LLM(model, attention_backend="mps", max_model_len=length, kvcache_block_size=16,
+    llm = LLM(model, attention_backend="mps", max_model_len=length + RetrievalTask().value_len, kvcache_block_size=16,
               max_num_batched_tokens=max(8192, length), max_num_seqs=64, enforce_eager=True, kv_cache_memory_gib=4,
               **options)
     result = retrieval_accuracy(llm, RetrievalTask(), length, num_prompts, seed=length)

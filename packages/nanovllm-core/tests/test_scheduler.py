@@ -513,4 +513,4 @@ def test_a_window_that_may_not_fit_a_step_is_refused():
     config = SimpleNamespace(max_num_seqs=6, max_num_batched_tokens=8, max_model_len=64, enable_chunked_prefill=True,
                              eos_token_ids=frozenset(), kvcache_block_size=4, enable_prefix_caching=False)
     with pytest.raises(ValueError, match="reads the last 5 queries of a prompt in one step.*raise max_num_batched_tokens"):
-        Scheduler(config, 16, KeepThree(None))
+        Scheduler.check_retention(config, KeepThree(None))

@@ -227,7 +227,8 @@ def test_on_flash_attn_the_selection_is_the_references_and_tokens_match_hf(model
     backend, dtype = ("fa1", torch.float16) if (flash_attn_version() or "").startswith("1.") else ("fa2", torch.bfloat16)
     path = tiny_checkpoint(model, **{**GPU_TINY, "dtype": dtype, **GPU_MOE.get(model, {})})
     llm = LLM(path, attention_backend=backend, max_model_len=2048, enable_snapkv=True, snapkv_limit=limit,
-              snapkv_attn_sample_queries=window, snapkv_pool_kernel=kernel, max_num_batched_tokens=512)
+              snapkv_attn_sample_queries=window, snapkv_pool_kernel=kernel, max_num_batched_tokens=512,
+              max_num_seqs=8, kv_cache_memory_gib=1)
     policy, calls = llm.model_runner.retention, []
     select = policy.select
 

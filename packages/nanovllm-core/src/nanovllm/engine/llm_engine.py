@@ -55,6 +55,7 @@ class LLMEngine:
         retention_cls, why = select_kv_retention_policy(config)
         logger.info("KV retention: %s", why)
         retention = retention_cls(config)
+        Scheduler.check_retention(config, retention)
         self.tokenizer = AutoTokenizer.from_pretrained(model)
         config.eos_token_ids |= {self.tokenizer.eos_token_id} - {None}
         self.processes = []

@@ -68,15 +68,19 @@ class Scheduler:
         self.eos_token_ids = config.eos_token_ids
         self.block_manager = BlockManager(num_kvcache_blocks, config.kvcache_block_size, config.enable_prefix_caching)
         self.retention = retention
-        if retention is not None and retention.window > self.max_num_batched_tokens - self.max_num_seqs + 1:
-            raise ValueError(f"the KV-retention policy {retention.name!r} reads the last {retention.window} queries of "
-                             f"a prompt in one step, but a step with max_num_seqs={self.max_num_seqs} running sequences "
-                             f"may have as few as max_num_batched_tokens - max_num_seqs + 1 = "
-                             f"{self.max_num_batched_tokens - self.max_num_seqs + 1} tokens for it: raise "
-                             f"max_num_batched_tokens or lower max_num_seqs")
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # oldest first: the newest is preempted first
         self.num_preemptions = 0
+
+    @staticmethod
+    def check_retention(config: Config, retention: KVRetentionPolicy):
+        """A policy's window must fit the tokens a step has for one prompt when every other sequence decodes."""
+        room = config.max_num_batched_tokens - config.max_num_seqs + 1
+        if retention.window > room:
+            raise ValueError(f"the KV-retention policy {retention.name!r} reads the last {retention.window} queries of "
+                             f"a prompt in one step, but a step with max_num_seqs={config.max_num_seqs} running "
+                             f"sequences may have as few as max_num_batched_tokens - max_num_seqs + 1 = {room} tokens "
+                             f"for it: raise max_num_batched_tokens or lower max_num_seqs")
 
     def add(self, seq: Sequence):
         self.waiting.append(seq)

@@ -5,7 +5,6 @@ The pytest fixtures built on these (``tiny_checkpoint``, ``assert_matches_hf``) 
 come with nanovllm-core as a pytest plugin (``nanovllm.testing.pytest_plugin``). Nothing here downloads.
 """
 import os
-import random
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -87,6 +86,7 @@ PROMPT_LENS = (1, 7, 8, 9, 30, 45)
 
 
 def make_prompts(seed: int = 0) -> list[list[int]]:
+    import random
     rng = random.Random(seed)
     return [[rng.randrange(512) for _ in range(n)] for n in PROMPT_LENS]
 
@@ -205,6 +205,8 @@ def check_gpu_greedy_matches_hf(path: str, mode: str, backend: str, dtype: torch
                                 **near_ties):
     """Greedy tokens of ``backend`` in ``mode`` against Hugging Face in ``dtype`` on the GPU, with prompts of
     1 token to several 256-token blocks and a shared prefix generated twice (prefix-cache hits)."""
+    import random
+
     from nanovllm import LLM, SamplingParams
     llm = LLM(path, **{"max_model_len": 2048, "attention_backend": backend, "dtype": str(dtype).removeprefix("torch."),
                        **GPU_MODES[mode]})
@@ -232,37 +234,57 @@ def check_gpu_greedy_matches_hf(path: str, mode: str, backend: str, dtype: torch
 
 @dataclass(frozen=True)
 class RetrievalTask:
-    """Synthetic key-value retrieval, to judge what a KV-retention policy keeps: ``num_pairs`` (key, value)
-    token pairs spread through random filler, then a question (the query marker and one of the keys) whose
-    answer is that key's value. Random weights cannot show which KV entries matter; a small model trained on
-    this task can (tools/train_retrieval_model.py)."""
+    """Synthetic retrieval, to judge what a KV-retention policy keeps: ``num_needles`` needles among random filler
+    tokens, each a key token followed by a value of ``value_len`` digit tokens (distinct keys); then a question
+    (``query`` and one of the keys) answered by that needle's value. The prompt ends with the question, so all but
+    the value's first digit are computed after a retention policy thinned the prompt's KV, and come out right
+    only if the needle was kept. Random weights cannot show which KV entries matter; a small model trained on this
+    task can (tools/train_retrieval_model.py)."""
 
     bos: int = 1
     query: int = 3
     filler: tuple[int, int] = (10, 100)  # token id ranges, end excluded
-    keys: tuple[int, int] = (100, 300)
-    values: tuple[int, int] = (300, 500)
-    num_pairs: int = 8
+    keys: tuple[int, int] = (100, 164)
+    digits: tuple[int, int] = (200, 216)
+    num_needles: int = 4
+    value_len: int = 4
 
-    def sample(self, length: int, rng: random.Random, num_questions: int = 1) -> tuple[list[int], list[int]]:
-        """(prompt, continuation): a ``length``-token prompt ending in a question, and after it that question's
-        answer followed by ``num_questions - 1`` more questions, each with its answer."""
-        body = rng.choices(range(*self.filler), k=length - 3)
-        keys = rng.sample(range(*self.keys), self.num_pairs)
-        values = [rng.randrange(*self.values) for _ in keys]
-        for slot, key, value in zip(rng.sample(range(len(body) // 2), self.num_pairs), keys, values):
-            body[2 * slot:2 * slot + 2] = [key, value]
-        asked = rng.sample(range(self.num_pairs), num_questions)
-        continuation = [values[asked[0]]]
-        for i in asked[1:]:
-            continuation += [self.query, keys[i], values[i]]
-        return [self.bos, *body, self.query, keys[asked[0]]], continuation
+    @property
+    def min_length(self) -> int:
+        """The shortest prompt that holds every needle."""
+        return 3 + (self.value_len + 1) * self.num_needles
+
+    def batch(self, size: int, length: int, generator: torch.Generator,
+              num_questions: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, values): each row is a ``length``-token prompt that ends in a question, then that question's
+        value and ``num_questions - 1`` more questions each with its value (but the very last digit); values
+        [size, num_questions, value_len]. Question i's key is at ``length - 1 + (value_len + 2) * i``."""
+        device = generator.device
+        rows = torch.arange(size, device=device).unsqueeze(1)
+        span = self.value_len + 1
+
+        def random_order(n):  # a random permutation of range(n) per row
+            return torch.rand(size, n, generator=generator, device=device).argsort(dim=1)
+        body = torch.randint(*self.filler, (size, length - 3), generator=generator, device=device)
+        keys = self.keys[0] + random_order(self.keys[1] - self.keys[0])[:, :self.num_needles]
+        values = torch.randint(*self.digits, (size, self.num_needles, self.value_len), generator=generator,
+                               device=device)
+        starts = span * random_order((length - 3) // span)[:, :self.num_needles]  # needles never overlap
+        body[rows, starts] = keys
+        for digit in range(self.value_len):
+            body[rows, starts + 1 + digit] = values[:, :, digit]
+        asked = random_order(self.num_needles)[:, :num_questions]
+        values = values[rows, asked]
+        questions = torch.cat([torch.full((size, num_questions, 1), self.query, device=device),
+                               keys.gather(1, asked).unsqueeze(2), values], dim=2).flatten(1)
+        tokens = torch.cat([torch.full((size, 1), self.bos, device=device), body, questions[:, :-1]], dim=1)
+        return tokens, values
 
 
 def retrieval_accuracy(llm, task: RetrievalTask, length: int, num_prompts: int, seed: int = 0) -> float:
-    """Share of ``num_prompts`` questions (``length``-token prompts, seeded) that ``llm`` answers right, greedy."""
+    """Share of ``num_prompts`` questions (``length``-token prompts, seeded) whose whole value ``llm`` gives, greedy."""
     from nanovllm import SamplingParams
-    rng = random.Random(seed)
-    prompts, answers = zip(*(task.sample(length, rng) for _ in range(num_prompts)))
-    outputs = llm.generate(list(prompts), SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)
-    return sum(o["token_ids"][0] == answer[0] for o, answer in zip(outputs, answers)) / num_prompts
+    tokens, values = task.batch(num_prompts, length, torch.Generator().manual_seed(seed))
+    params = SamplingParams(temperature=0, max_tokens=task.value_len, ignore_eos=True)
+    outputs = llm.generate(tokens[:, :length].tolist(), params, use_tqdm=False)
+    return sum(o["token_ids"] == value for o, value in zip(outputs, values[:, 0].tolist())) / num_prompts
