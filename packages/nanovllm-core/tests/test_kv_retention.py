@@ -107,5 +107,5 @@ def test_bad_recent_options(tiny_checkpoint, options, message):
 
 def test_unknown_policy_lists_the_installed_ones(tiny_checkpoint):
     with pytest.raises(ValueError, match=r"kv_retention='snap' is not installed; installed KV-retention policies: "
-                                         r"\['keep-all', 'recent'\]"):
+                                         r"\['keep-all', 'recent'"):
         LLM(tiny_checkpoint("qwen3"), **OPTIONS, kv_retention="snap")
