@@ -59,6 +59,34 @@ def test_selection_equals_the_dense_reference(group, num_keys, window, num_kept,
             == reference_selection(queries, keys, scale, window, num_kept, kernel))
 
 
+def kernel_matches_torch(window, num_heads, num_kv_heads, dim, num_keys, dtype_name):
+    """The Triton kernels (run by Triton's interpreter on the CPU, or compiled on a GPU) against the torch path."""
+    from nanovllm_snapkv import kernels
+    dtype = getattr(torch, dtype_name)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator().manual_seed(num_keys)
+    queries = (torch.randn(window, num_heads, dim, generator=generator) * 2).to(dtype)
+    keys = (torch.randn(num_keys, num_kv_heads, dim, generator=generator) * 2).to(dtype)
+    expected = window_attention(queries.float(), keys.float(), dim ** -0.5)
+    got = kernels.window_attention(queries.to(device), keys.to(device), dim ** -0.5).cpu()
+    assert torch.allclose(got, expected, atol=2e-3 if dtype == torch.float32 else 3e-2, rtol=1e-2), \
+        (got - expected).abs().max()
+
+
+@pytest.mark.parametrize("shape", [(4, 4, 2, 16, 40), (8, 8, 2, 24, 130), (3, 2, 2, 32, 64), (16, 16, 4, 16, 17)])
+def test_the_triton_kernels_match_torch_under_the_interpreter(shape):
+    """Rows and keys that are not a multiple of the tiles, a head size that is not a power of two, GQA 1-4."""
+    from nanovllm.testing import run_interpreted
+    run_interpreted(__file__, "kernel_matches_torch", *shape, "float32")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("shape", [(128, 16, 8, 128, 32768), (32, 8, 2, 64, 1000), (16, 32, 8, 128, 4097)])
+def test_the_triton_kernels_match_torch_on_the_gpu(shape, dtype):
+    kernel_matches_torch(*shape, dtype)
+
+
 def test_window_attention_equals_dense_softmax_sums():
     generator = torch.Generator().manual_seed(3)
     queries, keys = torch.randn(6, 4, 8, generator=generator), torch.randn(50, 2, 8, generator=generator)

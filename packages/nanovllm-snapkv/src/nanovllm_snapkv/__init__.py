@@ -18,8 +18,11 @@ def window_attention(queries: torch.Tensor, keys: torch.Tensor, scale: float, ch
     queries: the prompt's last ``window`` queries [window, heads, dim]; keys: the whole prompt's [num_keys,
     kv_heads, dim]. Softmax over all keys (causal inside the window), summed over the window's queries and over
     the query heads that share each KV head. Keys go in chunks, twice (the softmax's normaliser first), so the
-    score tile stays small whatever the prompt's length.
+    score tile stays small whatever the prompt's length; on CUDA two Triton kernels do the same in one sweep each.
     """
+    if keys.is_cuda:
+        from nanovllm_snapkv import kernels
+        return kernels.window_attention(queries, keys, scale)
     window, num_heads, dim = queries.shape
     num_keys, num_kv_heads, _ = keys.shape
     group = num_heads // num_kv_heads
