@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a GPU machine from this checkout (no registry there) and run the GPU tests and benchmarks.
-#   tools/device_run.sh [tests|bench|latency|profile|fa1|moe|all]...   logs and summaries go to $OUT (default ./out)
+#   tools/device_run.sh [tests|bench|latency|profile|fa1|moe|snapkv|all]...   logs and summaries go to $OUT (default ./out)
 # Needs, in the ignored folder .gpu/: wheels/fa2/*.whl and wheels/fa1/*.whl (flash-attn 2 and 1 built
 # for the GPU's image) and, for the side-by-side benchmark, nano-vllm/ (an upstream nano-vllm
 # checkout, never committed). The two flash-attn majors live in separate folders, /tmp/fa2 and /tmp/fa1.
@@ -13,7 +13,8 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/fa2 .gpu/wheels/fa2
 python3 -m pip install -q --no-index --no-deps --target /tmp/fa1 .gpu/wheels/fa1/*.whl
 export PYTHONPATH=/tmp/fa2
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e packages/nanovllm-core -e packages/nanovllm-models \
-    -e packages/nanovllm-attn-mps -e packages/nanovllm-attn-fa2 -e packages/nanovllm-attn-fa1 2>&1 | grep -v WARNING
+    -e packages/nanovllm-attn-mps -e packages/nanovllm-attn-fa2 -e packages/nanovllm-attn-fa1 -e packages/nanovllm-snapkv \
+    2>&1 | grep -v WARNING
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -m nanovllm.cli info 2>&1 | tee "$OUT/info.txt"
 status=0
@@ -45,6 +46,11 @@ for step in "${@:-all}"; do
             packages/nanovllm-core/tests/test_grouped_moe_kernel.py \
             packages/nanovllm-core/tests/test_routing_kernel.py 2>&1 | tee "$OUT/moe_tests.log" || status=1
         python3 tools/bench_moe.py --json "$OUT/moe.json" 2>&1 | tee "$OUT/moe.log" || status=1
+    fi
+    if [[ $step == snapkv || $step == all ]]; then
+        python3 tools/train_retrieval_model.py --output "$OUT/retrieval" 2>&1 | tee "$OUT/retrieval_train.log" || status=1
+        python3 tools/eval_kv_retention.py "$OUT/retrieval" 2>&1 | tee "$OUT/retrieval_eval.log" || status=1
+        python3 tools/bench_snapkv.py --json "$OUT/snapkv.json" 2>&1 | tee "$OUT/snapkv.log" || status=1
     fi
 done
 exit $status
