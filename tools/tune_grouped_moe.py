@@ -44,7 +44,7 @@ def main():
             def run(block_m, config, split):
                 out = torch.empty(pairs * split, w.shape[1], device="cuda",
                                   dtype=torch.float32 if split > 1 else torch.bfloat16)
-                ms = do_bench(lambda: g._grouped_matmul(a, w, out, scale_, *sorted_for[block_m], pairs, row_div,
+                ms = do_bench(lambda: g.grouped_matmul(a, w, out, scale_, *sorted_for[block_m], pairs, row_div,
                                                         block_m, config, split), warmup=5, rep=25)
                 return ms, out.view(pairs, split, -1).float().sum(1)
 

@@ -154,8 +154,10 @@ def down_split_k(num_pairs: int, num_experts: int, w2: torch.Tensor) -> int:
     return split
 
 
-def _grouped_matmul(a, w, out, scale, pair_ids, block_experts, num_pairs, a_row_div, block_m, config=None,
-                    split_k=1):
+def grouped_matmul(a, w, out, scale, pair_ids, block_experts, num_pairs, a_row_div, block_m, config=None, split_k=1):
+    """``out[p] = scale[p] * a[p // a_row_div] @ w[e].T`` for each pair p of expert e, with the pairs grouped by
+    ``sort_pairs_by_expert(topk_ids, E, block_m)``; ``w``: [E, N, K]; ``scale`` None for none; with ``split_k``
+    > 1, row p * split_k + s of ``out`` holds split s of K. Expert managers may build on it (no host sync)."""
     n, k = w.shape[1], w.shape[2]
     config = config or tile_config(block_m, n, k, a.device)
     grid = (block_experts.numel(), triton.cdiv(n, config["BLOCK_N"]), split_k)
@@ -181,9 +183,9 @@ def grouped_moe_pairs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk
     block_m = block_m_for(num_pairs)
     pair_ids, block_experts = sort_pairs_by_expert(topk_ids, w13.shape[0], block_m)
     gate_up = torch.empty(num_pairs, w13.shape[1], dtype=x.dtype, device=x.device)
-    _grouped_matmul(x, w13, gate_up, None, pair_ids, block_experts, num_pairs, top_k, block_m)
+    grouped_matmul(x, w13, gate_up, None, pair_ids, block_experts, num_pairs, top_k, block_m)
     hidden = silu_and_mul(gate_up)
-    _grouped_matmul(hidden, w2, out, topk_weights.flatten().float().contiguous(), pair_ids, block_experts, num_pairs, 1,
+    grouped_matmul(hidden, w2, out, topk_weights.flatten().float().contiguous(), pair_ids, block_experts, num_pairs, 1,
                     block_m, split_k=out.shape[0] // num_pairs)
 
 
