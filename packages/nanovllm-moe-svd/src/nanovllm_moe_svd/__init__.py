@@ -1,0 +1,146 @@
+"""Low-rank experts for nanovllm: each MoE layer keeps, per projection, a basis U shared by its experts and a small
+factor V per expert, and computes the selected experts as x -> V_e -> U without forming their weights.
+
+``LLM(path)`` uses them whenever ``path/svd_experts/`` exists (made by the ``decompose`` or ``distill`` tools);
+``NANOVLLM_DISABLE_SVD=1`` or ``expert_manager="resident"`` runs the dense experts instead.
+"""
+import logging
+import os
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+import nanovllm
+from nanovllm.layers.activation import silu_and_mul
+from nanovllm.layers.moe import SparseMoE
+from nanovllm_moe_svd.factors import FOLDER, MoELayer, layer_index, projection_rank, read_metadata, v_path
+
+logger = logging.getLogger("nanovllm.moe_svd")  # under nanovllm: NANOVLLM_LOG_LEVEL applies
+
+
+def factors_folder(config) -> str:
+    return config.plugin_options["svd_experts_dir"] or os.path.join(config.model, FOLDER)
+
+
+class SVDExperts(nanovllm.ExpertManager):
+    """Low-rank experts: a basis per layer and projection shared by the experts, a small factor per expert."""
+
+    name = "svd"
+    priority = 100  # picked whenever the checkpoint has factors
+    cuda_graphs = True
+
+    @classmethod
+    def unsupported_reason(cls, config, by_name=False):
+        if os.environ.get("NANOVLLM_DISABLE_SVD") == "1":
+            return "is off: NANOVLLM_DISABLE_SVD=1"
+        folder = factors_folder(config)
+        if not os.path.isdir(folder):
+            return f"needs low-rank factors in {folder} (made by decompose or distill)"
+        return None
+
+    @classmethod
+    def install(cls, model, config):
+        folder = factors_folder(config)
+        metadata = read_metadata(folder)
+        logger.info("Using SVD expert manager from %s (rank %d, %s)", folder, metadata["rank"], metadata["method"])
+        managers = []
+        with safe_open(os.path.join(folder, "U_matrices.safetensors"), "pt", "cpu") as bases:
+            for name, moe in model.named_modules():
+                if isinstance(moe, SparseMoE):
+                    moe.experts = cls(moe.num_experts, moe.hidden_size, moe.intermediate_size, moe.checkpoint_names,
+                                      config)
+                    layer = MoELayer(layer_index(name), name, moe.num_experts, moe.hidden_size,
+                                     moe.intermediate_size, moe.checkpoint_names)
+                    moe.experts.load_factors(folder, layer, metadata["rank"], bases)
+                    managers.append(moe.experts)
+        return managers
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rank_13 = self.rank_down = 0  # gate and up's rank, down's: set by load_factors
+
+    def load_factors(self, folder: str, layer: MoELayer, rank: int, bases):
+        """This tensor-parallel rank's slices of ``layer``'s factors; a shape that does not fit the model names
+        both."""
+        hidden, inter, full = self.hidden_size, self.intermediate_size, self.full_intermediate_size
+        shard = slice(self.tp_rank * inter, (self.tp_rank + 1) * inter)
+        self.rank_13, self.rank_down = (projection_rank(layer, p, rank) for p in ("gate", "down"))
+
+        def checked(tensor, name, shape, where):
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{where}: {name} is {list(tensor.shape)}, but rank {rank} factors of this model's "
+                                 f"experts (hidden {hidden}, intermediate {full}) are {list(shape)}")
+            return tensor.to(torch.get_default_device(), torch.get_default_dtype())
+
+        def basis(projection, shape):
+            key = f"layer_{layer.index}.{projection}"
+            if key not in bases.keys():
+                raise ValueError(f"{folder}/U_matrices.safetensors has no {key!r}: the factors were made for another "
+                                 f"model (this one has a MoE layer {layer.index})")
+            return checked(bases.get_tensor(key), key, shape, f"{folder}/U_matrices.safetensors")
+        self.u_gate = nn.Parameter(basis("gate", (full, self.rank_13))[shard].contiguous(), requires_grad=False)
+        self.u_up = nn.Parameter(basis("up", (full, self.rank_13))[shard].contiguous(), requires_grad=False)
+        self.u_down = nn.Parameter(basis("down", (hidden, self.rank_down)), requires_grad=False)
+        v13, v_down = [], []
+        for expert in range(self.num_experts):
+            path = v_path(folder, layer.index, expert)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{path} is missing: the factors were made for a model with fewer experts")
+            with safe_open(path, "pt", "cpu") as f:
+                v13.append(torch.cat([checked(f.get_tensor("gate"), "gate", (self.rank_13, hidden), path),
+                                      checked(f.get_tensor("up"), "up", (self.rank_13, hidden), path)]))
+                v_down.append(checked(f.get_tensor("down"), "down", (self.rank_down, full), path)[:, shard])
+        self.v13 = nn.Parameter(torch.stack(v13), requires_grad=False)  # [E, 2r, H]: one grouped matmul for both
+        self.v_down = nn.Parameter(torch.stack(v_down).contiguous(), requires_grad=False)  # [E, r', I / tp]
+
+    def load_checkpoint_tensor(self, name, tensor):
+        """The dense experts are not needed: their factors are loaded already."""
+
+    def missing_checkpoint_tensors(self):
+        return []
+
+    def forward(self, x, topk_weights, topk_ids):
+        if x.is_cuda:
+            return self.grouped_forward(x, topk_weights, topk_ids)
+        out = torch.zeros_like(x)
+        flat = topk_ids.flatten()
+        weights = topk_weights.flatten().to(x.dtype)
+        for expert in flat.unique().tolist():  # CPU and MPS: one expert at a time
+            pairs = (flat == expert).nonzero().squeeze(1)
+            tokens = pairs // topk_ids.size(1)
+            t = x[tokens] @ self.v13[expert].t()
+            hidden = silu_and_mul(torch.cat([t[:, :self.rank_13] @ self.u_gate.t(),
+                                             t[:, self.rank_13:] @ self.u_up.t()], 1))
+            out.index_add_(0, tokens, (hidden @ self.v_down[expert].t()) @ self.u_down.t() * weights[pairs, None])
+        return out
+
+    def grouped_forward(self, x, topk_weights, topk_ids):
+        """Both small factors by core's grouped Triton matmul over the pairs sorted by expert, the shared bases by
+        one dense matmul each; the down basis after each token's pairs are summed (it is linear). No host sync."""
+        from nanovllm.kernels.grouped_moe import block_m_for, down_split_k, grouped_matmul, sort_pairs_by_expert
+        num_pairs, top_k, rank = topk_ids.numel(), topk_ids.size(1), self.rank_13
+        block_m = block_m_for(num_pairs)
+        pair_ids, block_experts = sort_pairs_by_expert(topk_ids, self.num_experts, block_m)
+        t13 = torch.empty(num_pairs, 2 * rank, dtype=x.dtype, device=x.device)
+        grouped_matmul(x, self.v13, t13, None, pair_ids, block_experts, num_pairs, top_k, block_m)
+        gate_up = torch.empty(num_pairs, 2 * self.intermediate_size, dtype=x.dtype, device=x.device)
+        torch.mm(t13[:, :rank], self.u_gate.t(), out=gate_up[:, :self.intermediate_size])
+        torch.mm(t13[:, rank:], self.u_up.t(), out=gate_up[:, self.intermediate_size:])
+        hidden = silu_and_mul(gate_up)
+        split = down_split_k(num_pairs, self.num_experts, self.v_down)
+        t_down = torch.empty(num_pairs * split, self.rank_down, dtype=torch.float32 if split > 1 else x.dtype,
+                             device=x.device)
+        grouped_matmul(hidden, self.v_down, t_down, topk_weights.flatten().float().contiguous(), pair_ids,
+                       block_experts, num_pairs, 1, block_m, split_k=split)
+        return t_down.view(x.size(0), -1, self.rank_down).sum(dim=1).to(x.dtype) @ self.u_down.t()
+
+
+@nanovllm.hookimpl
+def register_expert_managers(register):
+    register(SVDExperts)
+
+
+@nanovllm.hookimpl
+def register_options(register):
+    register("svd_experts_dir", None, "expert_manager='svd': the low-rank factors' folder (default MODEL/svd_experts)")
