@@ -57,8 +57,9 @@ def num_layers(path: str) -> int:
         return json.load(f)["num_hidden_layers"]
 
 
-def write_checkpoint(path: str, layers: int):
-    """Random N(0, 0.02) bf16 weights drawn on the GPU, written layer by layer (host memory holds one layer)."""
+def write_checkpoint(path: str, layers: int, experts: bool = True):
+    """Random N(0, 0.02) bf16 weights drawn on the GPU, written layer by layer (host memory holds one layer);
+    ``experts=False`` leaves the dense experts out (for a manager that brings its own weights)."""
     import torch
     from safetensors.torch import save_file
     from transformers import MixtralConfig
@@ -86,7 +87,7 @@ def write_checkpoint(path: str, layers: int):
                    p + "self_attn.q_proj.weight": randn(H, H), p + "self_attn.k_proj.weight": randn(KV_DIM, H),
                    p + "self_attn.v_proj.weight": randn(KV_DIM, H), p + "self_attn.o_proj.weight": randn(H, H),
                    p + "block_sparse_moe.gate.weight": randn(E, H)}
-        for e in range(E):
+        for e in range(E if experts else 0):
             q = f"{p}block_sparse_moe.experts.{e}."
             tensors |= {q + "w1.weight": randn(I, H), q + "w3.weight": randn(I, H), q + "w2.weight": randn(H, I)}
         save_file(tensors, os.path.join(path, f"model-{i:05d}.safetensors"), metadata={"format": "pt"})
@@ -124,11 +125,44 @@ def kernel_profile(llm, prompt: list[int], steps: int, rows: int = 25) -> list[t
     return sorted(kernels, key=lambda k: -k[2])[:rows]
 
 
+def decode_timings(llm, caches: list, steps: int) -> dict:
+    """Per batch size: decode seconds per step (1 + steps tokens less 1 token), tok/s, first tokens, and the
+    offload caches' counters per step."""
+    from nanovllm import SamplingParams
+    rng = random.Random(0)
+
+    def counters():
+        return [sum(getattr(c, k) for c in caches) for k in ("hits", "misses", "prefetches", "prefetch_hits")]
+
+    def timed(prompts, max_tokens):
+        before = counters()
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
+                               use_tqdm=False)
+        seconds = time.perf_counter() - start
+        return seconds, [b - a for a, b in zip(before, counters())], outputs
+
+    batches = {}
+    for batch in BATCHES:
+        prompts = [[rng.randrange(MIXTRAL_8X7B["vocab_size"]) for _ in range(PROMPT_LEN)] for _ in range(batch)]
+        timed(prompts, 4)  # warm-up: kernels compiled for this batch size
+        prefill_seconds, prefill_counts, _ = timed(prompts, 1)
+        total_seconds, total_counts, outputs = timed(prompts, 1 + steps)
+        hits, misses, prefetches, prefetch_hits = [t - p for t, p in zip(total_counts, prefill_counts)]
+        step = (total_seconds - prefill_seconds) / steps
+        batches[batch] = {
+            "step_seconds": step, "tok_per_s": batch / step, "first_tokens": [o["token_ids"][:8] for o in outputs],
+            # per decode step, summed over layers
+            "distinct_experts": (hits + misses) / steps, "misses": misses / steps, "prefetches": prefetches / steps,
+            "prefetch_hits": prefetch_hits / steps}
+    return batches
+
+
 def run_config(path: str, name: str, budget_gib: float, steps: int, profile: bool) -> dict:
     """In a child process: decode seconds per step at each batch size, and the offload caches' counters."""
     import torch
 
-    from nanovllm import LLM, SamplingParams
+    from nanovllm import LLM
     from nanovllm.default_plugins.expert_managers import OffloadedExperts
     layers = num_layers(path)
     options = dict(ENGINE)
@@ -146,36 +180,12 @@ def run_config(path: str, name: str, budget_gib: float, steps: int, profile: boo
     llm = LLM(path, **options)
     load_seconds = time.perf_counter() - start
     caches = [m for m in llm.model_runner.model.modules() if isinstance(m, OffloadedExperts)]
-    rng = random.Random(0)
-    result = {"load_seconds": load_seconds, "peak_gib": 0.0, "batches": {}}
+    result = {"load_seconds": load_seconds, "peak_gib": 0.0, "batches": decode_timings(llm, caches, steps)}
     if caches:
         result["slots_per_layer"] = caches[0].num_slots
-
-    def counters():
-        return [sum(getattr(c, k) for c in caches) for k in ("hits", "misses", "prefetches", "prefetch_hits")]
-
-    def timed(prompts, max_tokens):
-        before = counters()
-        start = time.perf_counter()
-        outputs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True),
-                               use_tqdm=False)
-        seconds = time.perf_counter() - start
-        return seconds, [b - a for a, b in zip(before, counters())], outputs
-
-    for batch in BATCHES:
-        prompts = [[rng.randrange(MIXTRAL_8X7B["vocab_size"]) for _ in range(PROMPT_LEN)] for _ in range(batch)]
-        timed(prompts, 4)  # warm-up: kernels compiled for this batch size
-        prefill_seconds, prefill_counts, _ = timed(prompts, 1)
-        total_seconds, total_counts, outputs = timed(prompts, 1 + steps)
-        hits, misses, prefetches, prefetch_hits = [t - p for t, p in zip(total_counts, prefill_counts)]
-        step = (total_seconds - prefill_seconds) / steps
-        result["batches"][batch] = {
-            "step_seconds": step, "tok_per_s": batch / step, "first_tokens": [o["token_ids"][:8] for o in outputs],
-            # per decode step, summed over layers
-            "distinct_experts": (hits + misses) / steps, "misses": misses / steps, "prefetches": prefetches / steps,
-            "prefetch_hits": prefetch_hits / steps}
     if profile:
-        result["profile"] = kernel_profile(llm, prompts[0], steps)
+        prompt = [random.Random(0).randrange(MIXTRAL_8X7B["vocab_size"]) for _ in range(PROMPT_LEN)]
+        result["profile"] = kernel_profile(llm, prompt, steps)
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     free, total = torch.cuda.mem_get_info()
     result["device_used_gib"] = (total - free) / 2**30  # what the GPU reports: the allocator's pool and the context

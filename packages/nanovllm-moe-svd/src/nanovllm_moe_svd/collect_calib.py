@@ -4,7 +4,8 @@ to --cap-per-group of the inputs routed to it, for distill.
     collect-calib --model-path MODEL --out calib.safetensors [--cap-per-group 512] [--num-prompts 32]
                   [--max-new-tokens 64] [--temperature 0.8] [--prompts FILE]
 
-Prompts come from --prompts (one per line) or a built-in set. Inputs of prompt and generated tokens alike are
+Prompts come from --prompts (one per line, or a .json list of strings for prompts of several lines) or a
+built-in set. Inputs of prompt and generated tokens alike are
 kept, in the model's dtype; the file records which model they came from.
 """
 import argparse
@@ -44,7 +45,8 @@ def main(argv=None):
     parser.add_argument("--num-prompts", type=int, help="use the first N prompts (default all)")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--prompts", help="a text file with one prompt per line (default: a built-in set)")
+    parser.add_argument("--prompts", help="a text file with one prompt per line, or a .json list of prompts "
+                                          "(default: a built-in set)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
     if args.cap_per_group < 1:
@@ -54,7 +56,10 @@ def main(argv=None):
     prompts = BUILTIN_PROMPTS
     if args.prompts:
         with open(args.prompts) as f:
-            prompts = [line.rstrip("\n") for line in f if line.strip()]
+            if args.prompts.endswith(".json"):
+                prompts = json.load(f)
+            else:
+                prompts = [line.rstrip("\n") for line in f if line.strip()]
     prompts = prompts[:args.num_prompts]
     layers = moe_layers(args.model_path)
     from nanovllm import LLM, SamplingParams
