@@ -39,7 +39,7 @@ def write_factors(folder: str, layers: int, rank: int):
     generator = torch.Generator("cuda").manual_seed(rank)
 
     def basis(rows):
-        return torch.linalg.qr(torch.randn(rows, rank, device="cuda", generator=generator)).Q.bfloat16().cpu()
+        return torch.linalg.qr(torch.randn(rows, rank, device="cuda", generator=generator)).Q.bfloat16().contiguous().cpu()
 
     def factor(cols):
         return (torch.randn(rank, cols, device="cuda", generator=generator) * 0.02).bfloat16().cpu()

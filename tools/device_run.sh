@@ -14,6 +14,7 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/fa1 .gpu/wheels/fa1
 export PYTHONPATH=/tmp/fa2
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e packages/nanovllm-core -e packages/nanovllm-models \
     -e packages/nanovllm-attn-mps -e packages/nanovllm-attn-fa2 -e packages/nanovllm-attn-fa1 -e packages/nanovllm-snapkv \
+    -e packages/nanovllm-moe-svd \
     2>&1 | grep -v WARNING
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -m nanovllm.cli info 2>&1 | tee "$OUT/info.txt"
