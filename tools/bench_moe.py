@@ -194,14 +194,18 @@ def run_config(path: str, name: str, budget_gib: float, steps: int, profile: boo
     return result
 
 
-def child(path, name, budget_gib, steps, profile):
-    cmd = [sys.executable, __file__, "--path", path, "--child", name, "--budget-gib", str(budget_gib),
-           "--steps", str(steps)] + (["--profile"] if profile else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+def run_child(script: str, args: list[str], label: str) -> dict:
+    """Run ``script args`` in a fresh Python and return the JSON of its ``RESULT`` line."""
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
     if proc.returncode:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-        raise SystemExit(f"{name} failed")
+        raise SystemExit(f"{label} failed")
     return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+
+
+def child(path, name, budget_gib, steps, profile):
+    args = ["--path", path, "--child", name, "--budget-gib", str(budget_gib), "--steps", str(steps)]
+    return run_child(__file__, args + (["--profile"] if profile else []), name)
 
 
 def main():

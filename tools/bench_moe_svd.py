@@ -14,11 +14,10 @@ the routing of these random weights does not depend on how experts are stored).
 import argparse
 import json
 import os
-import sys
 import time
 
 from bench_moe import (ATTENTION_BYTES, BATCHES, CUDA_CONTEXT_GIB, E, ENGINE, EXPERT_BYTES, H, I, OUTER_BYTES,
-                       child as dense_child, decode_timings, write_checkpoint)
+                       child as dense_child, decode_timings, run_child, write_checkpoint)
 from bench_throughput import GPU_PEAKS
 
 ROUTER_BYTES = E * H * 2
@@ -80,13 +79,7 @@ def run_svd(path: str, folder: str, budget_gib: float | None, steps: int) -> dic
 
 
 def svd_child(path: str, folder: str, budget_gib: float, steps: int) -> dict:
-    import subprocess
-    cmd = [sys.executable, __file__, "--child", path, folder, str(budget_gib), "--steps", str(steps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-        raise SystemExit(f"svd run on {folder} failed")
-    return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    return run_child(__file__, ["--child", path, folder, str(budget_gib), "--steps", str(steps)], f"svd on {folder}")
 
 
 def main():

@@ -7,7 +7,7 @@ entries from every query after the prompt (nanovllm.testing.hf_greedy_mismatches
 import pytest
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.testing import make_prompts, recent_dropped
+from nanovllm.testing import blocks_held_per_step, make_prompts, recent_dropped
 
 FIRST, LAST = 2, 5
 OPTIONS = dict(kvcache_block_size=8, max_model_len=128, max_num_seqs=8, max_num_batched_tokens=64)
@@ -82,12 +82,8 @@ def test_a_compacted_sequence_holds_only_the_kept_blocks(tiny_checkpoint):
     """A 100-token prompt keeps 7 entries: from the step that completes it, one block instead of 13."""
     llm = LLM(tiny_checkpoint("qwen3"), **OPTIONS, kv_retention="recent", kv_keep_first=FIRST, kv_keep_last=LAST,
               enable_prefix_caching=False)
-    manager = llm.scheduler.block_manager
-    seq = llm.add_request(list(range(100, 200)), SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
-    held = []
-    while not llm.is_finished():
-        llm.step()
-        held.append(len(manager.blocks) - manager.num_free_blocks)
+    seq, held = blocks_held_per_step(llm, list(range(100, 200)),
+                                     SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     llm.exit()
     assert seq.num_completion_tokens == 3
     # the prompt is computed in chunks of 64 and 36 tokens; the second step frees 13 blocks and keeps one

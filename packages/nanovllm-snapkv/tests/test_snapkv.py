@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.testing import hf_greedy_mismatches, make_prompts
+from nanovllm.testing import blocks_held_per_step, hf_greedy_mismatches, make_prompts
 from nanovllm_snapkv import select_positions, window_attention
 
 WINDOW, LIMIT, KERNEL = 4, 12, 3
@@ -196,12 +196,8 @@ def test_limit_at_least_the_prompt_gives_the_tokens_of_snapkv_off(tiny_checkpoin
 def test_a_long_prompt_holds_only_the_limits_blocks_while_it_decodes(tiny_checkpoint):
     llm = LLM(tiny_checkpoint("qwen3"), **{**OPTIONS, "enable_prefix_caching": False})
     assert type(llm.model_runner.retention).name == "snapkv"
-    manager = llm.scheduler.block_manager
-    seq = llm.add_request(list(range(100, 200)), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
-    held = []
-    while not llm.is_finished():
-        llm.step()
-        held.append(len(manager.blocks) - manager.num_free_blocks)
+    seq, held = blocks_held_per_step(llm, list(range(100, 200)),
+                                     SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     llm.exit()
     assert seq.num_completion_tokens == 4
     assert held[:2] == [8, 2]  # 64 + 36 prompt tokens; then ceil(12 / 8) blocks instead of 13

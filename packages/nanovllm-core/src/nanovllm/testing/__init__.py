@@ -134,6 +134,17 @@ def hf_greedy_mismatches(path: str, prompts: list[list[int]], outputs: list[list
     return problems
 
 
+def blocks_held_per_step(llm, prompt: list[int], params) -> tuple:
+    """Run one request alone, step by step: (its sequence, the KV blocks in use after each step)."""
+    manager = llm.scheduler.block_manager
+    seq = llm.add_request(prompt, params)
+    held = []
+    while not llm.is_finished():
+        llm.step()
+        held.append(len(manager.blocks) - manager.num_free_blocks)
+    return seq, held
+
+
 _dropped_kv: list = []  # the prompt's dropped KV entries (mask or function) while hf_greedy_mismatches runs it
 
 
