@@ -8,6 +8,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from nanovllm import plugins
 from nanovllm.platform import Platform, detect_platform
+from nanovllm.sampling_params import checked_number
 
 _DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class Config:
     async_scheduling: bool = True  # prepare step N+1 while step N runs (single rank only)
     dtype: str = "auto"
     attention_backend: str | None = None
+    tokenizer: str | None = None  # a folder with the tokenizer files, when the model's has none
     expert_manager: str | None = None  # how MoE experts are stored: resident, offload, or a plugin's
     kv_retention: str | None = None  # which prompt KV to keep once computed: keep-all, recent, or a plugin's
     plugin_options: dict = field(default_factory=dict)
@@ -73,11 +75,22 @@ class Config:
                                     f"Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer)")
         positive = ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "kvcache_block_size", "tensor_parallel_size")
         for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer")
+        self.gpu_memory_utilization = checked_number("gpu_memory_utilization", self.gpu_memory_utilization)
+        if self.kv_cache_memory_gib is not None:
+            self.kv_cache_memory_gib = checked_number("kv_cache_memory_gib", self.kv_cache_memory_gib)
+            if self.kv_cache_memory_gib <= 0:
+                raise ValueError(f"kv_cache_memory_gib={self.kv_cache_memory_gib} must be positive")
+        for name in ("enforce_eager", "enable_prefix_caching", "enable_chunked_prefill", "async_scheduling"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}={getattr(self, name)!r} is a {type(getattr(self, name)).__name__}; give True "
+                                f"or False")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
-        if self.num_kvcache_blocks is not None and self.num_kvcache_blocks < 1:
+        if self.num_kvcache_blocks is not None and (checked_number("num_kvcache_blocks", self.num_kvcache_blocks,
+                                                                   integer=True) < 1):
             raise ValueError(f"num_kvcache_blocks={self.num_kvcache_blocks} must be a positive integer or None")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not one of auto, {', '.join(_DTYPES)}")

@@ -1,4 +1,18 @@
+import math
+import numbers
 from dataclasses import dataclass
+
+MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
+
+
+def checked_number(name: str, value, integer: bool = False) -> float | int:
+    """``value`` as a Python int or float; a bool, a string, None, NaN or infinity is an error naming it."""
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"{name}={value!r} is a {type(value).__name__}; give {'an integer' if integer else 'a number'}")
+    if not integer and not math.isfinite(value):
+        raise ValueError(f"{name}={value!r} is not a finite number")
+    return int(value) if integer else float(value)
 
 
 @dataclass
@@ -14,6 +28,10 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self):
+        self.temperature = checked_number("temperature", self.temperature)
+        self.top_k = checked_number("top_k", self.top_k, integer=True)
+        self.top_p = checked_number("top_p", self.top_p)
+        self.max_tokens = checked_number("max_tokens", self.max_tokens, integer=True)
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature} is negative; use 0 for greedy or a positive value to sample")
         if not (self.top_k == -1 or self.top_k >= 1):
@@ -22,6 +40,14 @@ class SamplingParams:
             raise ValueError(f"top_p={self.top_p} is outside (0, 1]; use 1.0 to keep all tokens")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens={self.max_tokens} is below 1; ask for at least one token")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed={self.seed!r} is not an integer")
-        self.stop_token_ids = tuple(self.stop_token_ids)
+        if not isinstance(self.ignore_eos, bool):
+            raise TypeError(f"ignore_eos={self.ignore_eos!r} is a {type(self.ignore_eos).__name__}; give True or False")
+        if isinstance(self.stop_token_ids, (str, bytes)):
+            raise TypeError(f"stop_token_ids={self.stop_token_ids!r} is a string; give a list of token ids")
+        self.stop_token_ids = tuple(checked_number("stop_token_ids", t, integer=True) for t in self.stop_token_ids)
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids={list(self.stop_token_ids)} holds a negative id; token ids start at 0")
+        if self.seed is not None:
+            self.seed = checked_number("seed", self.seed, integer=True)
+            if not 0 <= self.seed <= MAX_SEED:
+                raise ValueError(f"seed={self.seed} is outside [0, 2**64 - 1]; choose a seed in that range")

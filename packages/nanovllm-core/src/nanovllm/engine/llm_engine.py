@@ -2,7 +2,10 @@
 import atexit
 import logging
 import multiprocessing as mp
+import numbers
+import os
 import socket
+import threading
 import time
 
 from tqdm.auto import tqdm
@@ -33,6 +36,18 @@ def resolve_model_class(hf_config) -> type:
                      f"(e.g. nanovllm-models) or check NANOVLLM_PLUGINS.")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tiktoken.model")
+
+
+def load_tokenizer(path: str):
+    """The checkpoint's tokenizer; a folder without tokenizer files is an error (transformers would make a
+    tokenizer that knows nothing, and every output would be empty text)."""
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path!r} has no tokenizer files (one of {', '.join(TOKENIZER_FILES)}): copy them "
+                                f"from the original checkpoint, or pass tokenizer= the folder that has them")
+    return AutoTokenizer.from_pretrained(path)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -56,7 +71,7 @@ class LLMEngine:
         logger.info("KV retention: %s", why)
         retention = retention_cls(config)
         Scheduler.check_retention(config, retention)
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.tokenizer = load_tokenizer(config.tokenizer or model)
         config.eos_token_ids |= {self.tokenizer.eos_token_id} - {None}
         self.processes = []
         conns = []
@@ -79,6 +94,7 @@ class LLMEngine:
         # Other ranks would need the sampled tokens for the next step's inputs: keep TP synchronous.
         self.async_scheduling = config.async_scheduling and config.tensor_parallel_size == 1
         self._in_flight = None  # the launched step whose sampled tokens are not read yet
+        self._generate_lock = threading.Lock()
         self._exited = False
         atexit.register(self.exit)
 
@@ -91,23 +107,45 @@ class LLMEngine:
             process.join()
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> Sequence:
-        seq = Sequence(self._validated_token_ids(prompt), sampling_params, self.config.kvcache_block_size)
+        seq = Sequence(self._validated_token_ids(prompt), self._validated_params(sampling_params),
+                       self.config.kvcache_block_size)
         self.scheduler.add(seq)
         return seq
 
-    def _validated_token_ids(self, prompt: str | list[int]) -> list[int]:
-        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+    def _validated_token_ids(self, prompt) -> list[int]:
+        """A prompt's token ids: a string is tokenized; a list, tuple or 1-D integer numpy or torch array is taken
+        as token ids, each checked."""
+        if isinstance(prompt, str):
+            token_ids = self.tokenizer.encode(prompt)
+        else:  # numpy and torch arrays give their elements as Python numbers
+            token_ids = prompt.tolist() if hasattr(prompt, "tolist") else prompt
+            if not isinstance(token_ids, (list, tuple)):
+                raise TypeError(f"a prompt must be a string or a list of token ids, not {type(prompt).__name__}")
+            token_ids = list(token_ids)
+        not_ints = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
+        if not_ints:
+            raise TypeError(f"token id {not_ints[0]!r} is a {type(not_ints[0]).__name__}; token ids are integers")
+        token_ids = [int(t) for t in token_ids]
         if not token_ids:
             raise ValueError("prompt is empty; give at least one token")
         if len(token_ids) > self.config.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens, more than max_model_len="
                              f"{self.config.max_model_len}; shorten it or raise max_model_len")
-        vocab_size = self.config.hf_config.vocab_size
-        bad = [t for t in token_ids if not isinstance(t, int) or not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]!r} is outside the vocabulary [0, {vocab_size}); check the prompt's "
-                             f"token ids against this model's tokenizer")
+        self._check_vocabulary(token_ids, "the prompt's token ids")
         return token_ids
+
+    def _check_vocabulary(self, token_ids, what: str):
+        vocab_size = self.config.hf_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]!r} is outside the vocabulary [0, {vocab_size}); check {what} "
+                             f"against this model's tokenizer")
+
+    def _validated_params(self, params) -> SamplingParams:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be SamplingParams, not {type(params).__name__}")
+        self._check_vocabulary(params.stop_token_ids, "stop_token_ids")
+        return params
 
     def step(self) -> tuple[list[Sequence], int, int]:
         """Schedule and launch one step; returns finished sequences, prefill and decode tokens launched.
@@ -135,8 +173,14 @@ class LLMEngine:
 
     def generate(self, prompts: list[str] | list[list[int]], sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[dict]:
-        """Generate for every prompt; returns dicts with text, token_ids, finish_reason, num_cached_tokens."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+        """Generate for every prompt; returns dicts with text, token_ids, finish_reason, num_cached_tokens.
+
+        Calls from several threads on one engine run one after the other."""
+        with self._generate_lock:
+            return self._generate(prompts, sampling_params, use_tqdm)
+
+    def _generate(self, prompts, sampling_params, use_tqdm: bool) -> list[dict]:
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], numbers.Integral)):
             raise TypeError("prompts must be a list of strings or of token-id lists; wrap a single prompt in a list")
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -145,7 +189,9 @@ class LLMEngine:
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts; give one, "
                              f"or one per prompt")
-        token_ids = [self._validated_token_ids(p) for p in prompts]  # all checked before any is queued
+        # all checked before any is queued
+        token_ids = [self._validated_token_ids(p) for p in prompts]
+        sampling_params = [self._validated_params(p) for p in sampling_params]
         seqs = [Sequence(ids, sp, self.config.kvcache_block_size) for ids, sp in zip(token_ids, sampling_params)]
         for seq in seqs:
             self.scheduler.add(seq)
