@@ -243,3 +243,31 @@ def test_on_the_gpu_grouped_kernels_and_graphs_give_the_reconstructed_models_tok
     problems = hf_greedy_mismatches(dense, prompts, [o["token_ids"] for o in outputs], tol=0.1, device="cuda",
                                     dtype=getattr(torch, dtype), noise_dtype=torch.float32, router_tol=0.04)
     assert not problems, "\n".join(problems)
+
+
+def test_the_dense_experts_are_not_read(tiny_checkpoint, tmp_path, monkeypatch):
+    """The loader skips the tensors of a manager whose reads_checkpoint is False: Mixtral's 90 GB stay on disk."""
+    import nanovllm.loader
+    path = tiny_checkpoint("mixtral")
+    folder = factors(tmp_path, path, 12)
+    read = []
+    real_safe_open = nanovllm.loader.safe_open
+
+    class Spy:
+        def __init__(self, *args):
+            self.file = real_safe_open(*args)
+
+        def __enter__(self):
+            handle = self.file.__enter__()
+            get_tensor = handle.get_tensor
+            self.keys, self.get_tensor = handle.keys, lambda name: read.append(name) or get_tensor(name)
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+    monkeypatch.setattr(nanovllm.loader, "safe_open", Spy)
+    tokens(path, svd_experts_dir=folder)
+    assert read and not [name for name in read if ".experts." in name]
+    read.clear()
+    tokens(path, expert_manager="resident")
+    assert [name for name in read if ".experts." in name]  # the spy sees them when they are read

@@ -84,13 +84,14 @@ class Config:
             if self.kv_cache_memory_gib <= 0:
                 raise ValueError(f"kv_cache_memory_gib={self.kv_cache_memory_gib} must be positive")
         for name in ("enforce_eager", "enable_prefix_caching", "enable_chunked_prefill", "async_scheduling"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name}={getattr(self, name)!r} is a {type(getattr(self, name)).__name__}; give True "
-                                f"or False")
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}={value!r} is a {type(value).__name__}; give True or False")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
-        if self.num_kvcache_blocks is not None and (checked_number("num_kvcache_blocks", self.num_kvcache_blocks,
-                                                                   integer=True) < 1):
+        if self.num_kvcache_blocks is not None:
+            self.num_kvcache_blocks = checked_number("num_kvcache_blocks", self.num_kvcache_blocks, integer=True)
+        if self.num_kvcache_blocks is not None and self.num_kvcache_blocks < 1:
             raise ValueError(f"num_kvcache_blocks={self.num_kvcache_blocks} must be a positive integer or None")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not one of auto, {', '.join(_DTYPES)}")

@@ -20,6 +20,7 @@ class ExpertManager(nn.Module):
     name: str = ""
     priority: int = 0  # the highest-priority manager that supports a checkpoint is used unless one is named
     cuda_graphs: bool = False  # whether forward may be captured in a CUDA graph (no host syncs)
+    reads_checkpoint: bool = True  # False: the checkpoint's dense expert tensors are skipped unread
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, checkpoint_names: dict[str, str],
                  config):

@@ -17,7 +17,9 @@ def load_model(model: nn.Module, path: str):
     """Copy every checkpoint tensor into its parameter; a missing or mismatched tensor names itself.
 
     ``model.packed_modules_mapping`` maps a checkpoint module name to (packed module name, shard),
-    e.g. ``{"q_proj": ("qkv_proj", "q")}``; ``model.ignored_checkpoint_tensors`` lists names to skip.
+    e.g. ``{"q_proj": ("qkv_proj", "q")}``; ``model.ignored_checkpoint_tensors`` lists names to skip. A module
+    with ``load_checkpoint_tensor`` loads the tensors below its name itself, unless its ``reads_checkpoint``
+    is False: then they are not even read (a manager that brings its own weights).
     """
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
@@ -39,6 +41,8 @@ def load_model(model: nn.Module, path: str):
                     continue
                 owner = _owner(tensor_name, delegates)
                 if owner is not None:
+                    if not getattr(delegates[owner], "reads_checkpoint", True):
+                        continue
                     try:
                         delegates[owner].load_checkpoint_tensor(tensor_name[len(owner) + 1:], f.get_tensor(tensor_name))
                     except ValueError as exc:

@@ -13,7 +13,7 @@ from torch import nn
 
 import nanovllm
 from nanovllm.layers.activation import silu_and_mul
-from nanovllm.layers.moe import SparseMoE
+from nanovllm.layers.moe import SparseMoE, run_experts
 from nanovllm_moe_svd.factors import FOLDER, MoELayer, layer_index, projection_rank, read_metadata, v_path
 
 logger = logging.getLogger("nanovllm.moe_svd")  # under nanovllm: NANOVLLM_LOG_LEVEL applies
@@ -29,6 +29,7 @@ class SVDExperts(nanovllm.ExpertManager):
     name = "svd"
     priority = 100  # picked whenever the checkpoint has factors
     cuda_graphs = True
+    reads_checkpoint = False  # the dense experts are never read: 90 GB of Mixtral's are not needed
 
     @classmethod
     def unsupported_reason(cls, config, by_name=False):
@@ -94,26 +95,18 @@ class SVDExperts(nanovllm.ExpertManager):
         self.v13 = nn.Parameter(torch.stack(v13), requires_grad=False)  # [E, 2r, H]: one grouped matmul for both
         self.v_down = nn.Parameter(torch.stack(v_down).contiguous(), requires_grad=False)  # [E, r', I / tp]
 
-    def load_checkpoint_tensor(self, name, tensor):
-        """The dense experts are not needed: their factors are loaded already."""
-
     def missing_checkpoint_tensors(self):
-        return []
+        return []  # the factors, loaded by install, stand for the dense experts
 
     def forward(self, x, topk_weights, topk_ids):
         if x.is_cuda:
             return self.grouped_forward(x, topk_weights, topk_ids)
-        out = torch.zeros_like(x)
-        flat = topk_ids.flatten()
-        weights = topk_weights.flatten().to(x.dtype)
-        for expert in flat.unique().tolist():  # CPU and MPS: one expert at a time
-            pairs = (flat == expert).nonzero().squeeze(1)
-            tokens = pairs // topk_ids.size(1)
-            t = x[tokens] @ self.v13[expert].t()
-            hidden = silu_and_mul(torch.cat([t[:, :self.rank_13] @ self.u_gate.t(),
-                                             t[:, self.rank_13:] @ self.u_up.t()], 1))
-            out.index_add_(0, tokens, (hidden @ self.v_down[expert].t()) @ self.u_down.t() * weights[pairs, None])
-        return out
+        return run_experts(x, topk_weights, topk_ids, self._expert_output)  # CPU and MPS: one expert at a time
+
+    def _expert_output(self, expert: int, rows: torch.Tensor) -> torch.Tensor:
+        t = rows @ self.v13[expert].t()
+        hidden = silu_and_mul(torch.cat([t[:, :self.rank_13] @ self.u_gate.t(), t[:, self.rank_13:] @ self.u_up.t()], 1))
+        return (hidden @ self.v_down[expert].t()) @ self.u_down.t()
 
     def grouped_forward(self, x, topk_weights, topk_ids):
         """Both small factors by core's grouped Triton matmul over the pairs sorted by expert, the shared bases by

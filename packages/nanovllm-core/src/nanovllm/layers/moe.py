@@ -47,10 +47,19 @@ class SparseMoE(nn.Module):
 
 def grouped_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_weights,
                     out: torch.Tensor | None = None, only: set[int] | None = None) -> torch.Tensor:
-    """Sort the (token, expert) pairs by expert and run each expert once over its tokens, adding into ``out``.
+    """``run_experts`` for SwiGLU experts given by their weights: ``expert_weights(e)`` gives expert e's
+    (w13 [2I, H], w2 [H, I])."""
+    def expert_output(expert, rows):
+        w13, w2 = expert_weights(expert)
+        return silu_and_mul(rows @ w13.t()) @ w2.t()
+    return run_experts(x, topk_weights, topk_ids, expert_output, out, only)
 
-    ``expert_weights(e)`` gives expert e's (w13 [2I, H], w2 [H, I]); ``only`` limits which experts run.
-    """
+
+def run_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_output,
+                out: torch.Tensor | None = None, only: set[int] | None = None) -> torch.Tensor:
+    """Sort the (token, expert) pairs by expert and run each expert once over its tokens, adding the weighted
+    outputs into ``out``: ``expert_output(e, rows)`` maps expert e's input rows [n, H] to [n, H]; ``only`` limits
+    which experts run."""
     top_k = topk_ids.size(1)
     flat_ids = topk_ids.flatten()
     order = flat_ids.argsort(stable=True)
@@ -62,8 +71,6 @@ def grouped_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch
         if count and (only is None or expert in only):
             pairs = slice(start, start + count)
             tokens = order[pairs] // top_k
-            w13, w2 = expert_weights(expert)
-            y = silu_and_mul(x[tokens] @ w13.t()) @ w2.t()
-            out.index_add_(0, tokens, y * weights[pairs])
+            out.index_add_(0, tokens, expert_output(expert, x[tokens]) * weights[pairs])
         start += count
     return out
