@@ -47,6 +47,13 @@ ENGINE = dict(max_model_len=256, max_num_seqs=16, max_num_batched_tokens=512, kv
               enable_prefix_caching=False)
 
 
+def kv_cache_gib(layers: int) -> float:
+    """KV cache for max_num_seqs sequences of max_model_len at once, so a batch-16 step is one batch and not two
+    waves (32 layers need 0.5 GiB), and no less than KV_GIB."""
+    needed = layers * 2 * KV_DIM * 2 * ENGINE["max_model_len"] * ENGINE["max_num_seqs"] / 2**30
+    return max(KV_GIB, needed * 1.05)
+
+
 def layers_the_disk_holds(path: str, spare_gib: float = 3.0) -> int:
     free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
     return max(1, min(32, int((free - spare_gib * 2**30 - OUTER_BYTES) // LAYER_BYTES)))
@@ -112,14 +119,14 @@ def host_to_device_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return host.numel() / best
 
 
-def kernel_profile(llm, prompt: list[int], steps: int, rows: int = 25) -> list[tuple[str, float, float]]:
-    """(kernel, launches, microseconds) per decode step of the costliest kernels at batch 1, the prefill's
-    share included."""
+def kernel_profile(llm, prompts: list[list[int]], steps: int, rows: int = 25) -> list[tuple[str, float, float]]:
+    """(kernel, launches, microseconds) per decode step of the costliest kernels at batch ``len(prompts)``, the
+    prefill's share included."""
     from torch.profiler import ProfilerActivity, profile
 
     from nanovllm import SamplingParams
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1 + steps, ignore_eos=True), use_tqdm=False)
+        llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1 + steps, ignore_eos=True), use_tqdm=False)
     kernels = [(e.key, e.count / steps, e.device_time_total / steps) for e in prof.key_averages()
                if e.device_time_total > 0]
     return sorted(kernels, key=lambda k: -k[2])[:rows]
@@ -165,7 +172,7 @@ def run_config(path: str, name: str, budget_gib: float, steps: int, profile: boo
     from nanovllm import LLM
     from nanovllm.default_plugins.expert_managers import OffloadedExperts
     layers = num_layers(path)
-    options = dict(ENGINE)
+    options = dict(ENGINE, kv_cache_memory_gib=kv_cache_gib(layers))
     if name == "resident":
         options["expert_manager"] = "resident"
     elif name == "offload-cached":
@@ -174,7 +181,7 @@ def run_config(path: str, name: str, budget_gib: float, steps: int, profile: boo
         total = torch.cuda.get_device_properties(0).total_memory
         cap = (budget_gib - CUDA_CONTEXT_GIB) * 2**30
         torch.cuda.set_per_process_memory_fraction(cap / total)
-        cache_gib = cap / 2**30 - (layers * ATTENTION_BYTES + OUTER_BYTES) / 2**30 - KV_GIB - ACTIVATION_GIB
+        cache_gib = cap / 2**30 - (layers * ATTENTION_BYTES + OUTER_BYTES) / 2**30 - kv_cache_gib(layers) - ACTIVATION_GIB
         options |= dict(expert_manager="offload", offload_cache_gib=cache_gib, gpu_memory_utilization=cap / total)
     start = time.perf_counter()
     llm = LLM(path, **options)
@@ -185,7 +192,7 @@ def run_config(path: str, name: str, budget_gib: float, steps: int, profile: boo
         result["slots_per_layer"] = caches[0].num_slots
     if profile:
         prompt = [random.Random(0).randrange(MIXTRAL_8X7B["vocab_size"]) for _ in range(PROMPT_LEN)]
-        result["profile"] = kernel_profile(llm, prompt, steps)
+        result["profile"] = kernel_profile(llm, [prompt], steps)
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     free, total = torch.cuda.mem_get_info()
     result["device_used_gib"] = (total - free) / 2**30  # what the GPU reports: the allocator's pool and the context

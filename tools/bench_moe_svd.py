@@ -1,6 +1,7 @@
 """Low-rank experts beside dense ones on Mixtral 8x7B's exact layer shape, random weights, in one run.
 
     python tools/bench_moe_svd.py [--layers 4] [--ranks 256 1024] [--budget-gib 11] [--steps 32] [--json FILE]
+                                  [--profile]
 
 Runs, each in its own process (decode tok/s at batch 1 and 16 as tools/bench_moe.py measures them):
   resident, offload-cached, offload   on a --layers checkpoint with dense experts (offload under --budget-gib)
@@ -9,15 +10,18 @@ Runs, each in its own process (decode tok/s at batch 1 and 16 as tools/bench_moe
                                       manager needs none) and rank-256 factors, attention and KV cache included
 and reports each svd run against its HBM bound: per decode step the attention and router weights, half the
 embedding and head, each layer's bases U, and the distinct experts' factors V (counted in the offload-cached run;
-the routing of these random weights does not depend on how experts are stored).
+the routing of these random weights does not depend on how experts are stored). --profile prints each svd
+run's costliest GPU kernels per decode step at each batch size (as tools/bench_moe.py --profile does at batch 1).
 """
 import argparse
 import json
 import os
+import random
 import time
 
-from bench_moe import (ATTENTION_BYTES, BATCHES, CUDA_CONTEXT_GIB, E, ENGINE, EXPERT_BYTES, H, I, OUTER_BYTES,
-                       child as dense_child, decode_timings, run_child, write_checkpoint)
+from bench_moe import (ATTENTION_BYTES, BATCHES, CUDA_CONTEXT_GIB, E, ENGINE, EXPERT_BYTES, H, I, MIXTRAL_8X7B,
+                       OUTER_BYTES, PROMPT_LEN, child as dense_child, decode_timings, kernel_profile, kv_cache_gib,
+                       num_layers, run_child, write_checkpoint)
 from bench_throughput import GPU_PEAKS
 
 ROUTER_BYTES = E * H * 2
@@ -54,12 +58,12 @@ def write_factors(folder: str, layers: int, rank: int):
                        layers={str(i): dict(num_experts=E, intermediate_size=I) for i in range(layers)}), f)
 
 
-def run_svd(path: str, folder: str, budget_gib: float | None, steps: int) -> dict:
+def run_svd(path: str, folder: str, budget_gib: float | None, steps: int, profile: bool) -> dict:
     """In a child process: the svd manager's decode timings and memory, inside ``budget_gib`` when given."""
     import torch
 
     from nanovllm import LLM
-    options = dict(ENGINE, expert_manager="svd", svd_experts_dir=folder)
+    options = dict(ENGINE, expert_manager="svd", svd_experts_dir=folder, kv_cache_memory_gib=kv_cache_gib(num_layers(path)))
     if budget_gib:
         total = torch.cuda.get_device_properties(0).total_memory
         cap = (budget_gib - CUDA_CONTEXT_GIB) * 2**30
@@ -71,6 +75,10 @@ def run_svd(path: str, folder: str, budget_gib: float | None, steps: int) -> dic
     weights_gib = torch.cuda.memory_allocated() / 2**30
     result = dict(load_seconds=load_seconds, weights_and_cache_gib=weights_gib,
                   batches=decode_timings(llm, [], steps))
+    if profile:
+        rng = random.Random(0)
+        prompts = [[rng.randrange(MIXTRAL_8X7B["vocab_size"]) for _ in range(PROMPT_LEN)] for _ in range(max(BATCHES))]
+        result["profile"] = {batch: kernel_profile(llm, prompts[:batch], steps) for batch in BATCHES}
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     free, total = torch.cuda.mem_get_info()
     result["device_used_gib"] = (total - free) / 2**30
@@ -78,8 +86,14 @@ def run_svd(path: str, folder: str, budget_gib: float | None, steps: int) -> dic
     return result
 
 
-def svd_child(path: str, folder: str, budget_gib: float, steps: int) -> dict:
-    return run_child(__file__, ["--child", path, folder, str(budget_gib), "--steps", str(steps)], f"svd on {folder}")
+def svd_child(path: str, folder: str, budget_gib: float, steps: int, profile: bool) -> dict:
+    args = ["--child", path, folder, str(budget_gib), "--steps", str(steps)] + (["--profile"] if profile else [])
+    run = run_child(__file__, args, f"svd on {folder}")
+    for batch, kernels in run.get("profile", {}).items():
+        print(f"{folder}, batch {batch}: kernels per decode step", flush=True)
+        for kernel, launches, micros in kernels:
+            print(f"  {micros:9.1f} us {launches:6.1f}x  {kernel[:110]}", flush=True)
+    return run
 
 
 def main():
@@ -90,11 +104,12 @@ def main():
     parser.add_argument("--budget-gib", type=float, default=11.0)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--json")
+    parser.add_argument("--profile", action="store_true", help="print each svd run's kernels per decode step")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         path, folder, budget = args.child
-        print("RESULT " + json.dumps(run_svd(path, folder, float(budget), args.steps)), flush=True)
+        print("RESULT " + json.dumps(run_svd(path, folder, float(budget), args.steps, args.profile)), flush=True)
         return
     import torch
     gpu = torch.cuda.get_device_name()
@@ -114,10 +129,10 @@ def main():
     for rank in args.ranks:
         folder = os.path.join(args.path, f"svd-{rank}")
         write_factors(folder, args.layers, rank)
-        summary["runs"][f"svd-{rank}"] = svd_child(args.path, folder, 0, args.steps)
+        summary["runs"][f"svd-{rank}"] = svd_child(args.path, folder, 0, args.steps, args.profile)
     folder = os.path.join(full_path, "svd-256")
     write_factors(folder, 32, 256)
-    summary["runs"]["svd-256-32"] = svd_child(full_path, folder, args.budget_gib, args.steps)
+    summary["runs"]["svd-256-32"] = svd_child(full_path, folder, args.budget_gib, args.steps, args.profile)
     run = summary["runs"]["svd-256-32"]
     print(f"svd-256, 32 layers under {args.budget_gib} GiB: {run['weights_and_cache_gib']:.2f} GiB allocated after "
           f"loading, peak {run['peak_gib']:.2f} GiB, {run['device_used_gib']:.2f} GiB used on the GPU", flush=True)

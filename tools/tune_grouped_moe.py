@@ -4,7 +4,7 @@
 
 For each token count (decode 1..64, prefill 512 and 2048; top 2 of 8 experts, bf16) and each of the two
 grouped matmuls (gate+up: [pairs x 4096] @ [4096 x 28672]; down: [pairs x 14336] @ [14336 x 4096]):
-the default from ``tile_config`` (and ``down_split_k``), then the four fastest candidates, as weight bytes per
+the default from ``tile_config`` (and ``split_k_for``), then the four fastest candidates, as weight bytes per
 second (the bound for decode) and FLOP/s (the bound for prefill). Decode's down matmul also tries K in 1, 2, 4
 or 8 splits (each split writes its own fp32 rows; their sum, one small kernel more, is not timed). Each
 candidate's output must match the default's.
@@ -49,7 +49,7 @@ def main():
                 return ms, out.view(pairs, split, -1).float().sum(1)
 
             block_m = g.block_m_for(pairs)
-            split = g.down_split_k(pairs, E, w2) if name == "down" else 1
+            split = g.split_k_for(pairs, E, w2) if name == "down" else 1
             default_ms, reference = run(block_m, None, split)
             rows = []
             candidates = PREFILL if pairs > 256 else DECODE_DOWN if name == "down" else DECODE

@@ -111,22 +111,24 @@ class SVDExperts(nanovllm.ExpertManager):
     def grouped_forward(self, x, topk_weights, topk_ids):
         """Both small factors by core's grouped Triton matmul over the pairs sorted by expert, the shared bases by
         one dense matmul each; the down basis after each token's pairs are summed (it is linear). No host sync."""
-        from nanovllm.kernels.grouped_moe import block_m_for, down_split_k, grouped_matmul, sort_pairs_by_expert
-        num_pairs, top_k, rank = topk_ids.numel(), topk_ids.size(1), self.rank_13
+        from nanovllm.kernels.grouped_moe import (block_m_for, grouped_matmul, sort_pairs_by_expert, split_k_for,
+                                                  sum_pair_rows)
+        num_pairs, rank = topk_ids.numel(), self.rank_13
         block_m = block_m_for(num_pairs)
         pair_ids, block_experts = sort_pairs_by_expert(topk_ids, self.num_experts, block_m)
-        t13 = torch.empty(num_pairs, 2 * rank, dtype=x.dtype, device=x.device)
-        grouped_matmul(x, self.v13, t13, None, pair_ids, block_experts, num_pairs, top_k, block_m)
+
+        def factor(a, v, scale, a_row_div):  # [pairs, rank] = a @ V_e.T; few pairs split K to fill the GPU
+            split = split_k_for(num_pairs, self.num_experts, v)
+            out = torch.empty(num_pairs * split, v.shape[1], dtype=torch.float32 if split > 1 else x.dtype,
+                              device=x.device)
+            grouped_matmul(a, v, out, scale, pair_ids, block_experts, num_pairs, a_row_div, block_m, split_k=split)
+            return out
+        t13 = sum_pair_rows(factor(x, self.v13, None, topk_ids.size(1)), num_pairs, x.dtype)
         gate_up = torch.empty(num_pairs, 2 * self.intermediate_size, dtype=x.dtype, device=x.device)
         torch.mm(t13[:, :rank], self.u_gate.t(), out=gate_up[:, :self.intermediate_size])
         torch.mm(t13[:, rank:], self.u_up.t(), out=gate_up[:, self.intermediate_size:])
-        hidden = silu_and_mul(gate_up)
-        split = down_split_k(num_pairs, self.num_experts, self.v_down)
-        t_down = torch.empty(num_pairs * split, self.rank_down, dtype=torch.float32 if split > 1 else x.dtype,
-                             device=x.device)
-        grouped_matmul(hidden, self.v_down, t_down, topk_weights.flatten().float().contiguous(), pair_ids,
-                       block_experts, num_pairs, 1, block_m, split_k=split)
-        return t_down.view(x.size(0), -1, self.rank_down).sum(dim=1).to(x.dtype) @ self.u_down.t()
+        t_down = factor(silu_and_mul(gate_up), self.v_down, topk_weights.flatten().float().contiguous(), 1)
+        return sum_pair_rows(t_down, x.size(0), x.dtype) @ self.u_down.t()
 
 
 @nanovllm.hookimpl

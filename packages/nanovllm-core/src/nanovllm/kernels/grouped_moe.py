@@ -133,25 +133,20 @@ def tile_config(block_m: int, n: int, k: int, device: torch.device) -> dict:
     return dict(BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=stages)
 
 
-def down_split_k(num_pairs: int, num_experts: int, w2: torch.Tensor) -> int:
-    """Splits of K for the down matmul. At batch 1 it has one row of N tiles per expert (128 tiles for two of
-    Mixtral's experts): too few to keep an H200's 132 SMs streaming, so K is split until some four tiles per SM
-    run. Measured by tools/tune_grouped_moe.py."""
-    if not w2.is_cuda:
+def split_k_for(num_pairs: int, num_experts: int, w: torch.Tensor) -> int:
+    """Splits of K for a grouped matmul over ``w`` [E, N, K]. A decode step may have too few output tiles to
+    keep every SM streaming (batch 1 of Mixtral: 128 tiles for the down matmul's two experts, 16 for a low-rank
+    factor's), so K is split until some four tiles per SM run; each split gets whole K tiles, none empty.
+    Measured by tools/tune_grouped_moe.py and tools/bench_moe_svd.py --profile."""
+    if not w.is_cuda:
         return 1
-    n, k = w2.shape[1], w2.shape[2]
-    config = tile_config(block_m_for(num_pairs), n, k, w2.device)
-    tiles = min(num_experts, num_pairs) * triton.cdiv(n, config["BLOCK_N"])
-    target = 4 * multiprocessors(w2.device)
+    n, k = w.shape[1], w.shape[2]
+    block_m = block_m_for(num_pairs)
+    config = tile_config(block_m, n, k, w.device)
+    m_tiles = min(num_experts, num_pairs) + num_pairs // block_m  # one per expert in use, more as pairs grow
+    wanted = max(1, 4 * multiprocessors(w.device) // (m_tiles * triton.cdiv(n, config["BLOCK_N"])))
     k_tiles = triton.cdiv(k, config["BLOCK_K"])
-
-    def all_busy(splits):  # the kernel rounds each split's share of K up to whole tiles: none may be left empty
-        return triton.cdiv(k_tiles, triton.cdiv(k_tiles, splits)) == splits
-
-    split = 1
-    while split < 8 and 2 * split * tiles <= target and all_busy(2 * split):
-        split *= 2
-    return split
+    return triton.cdiv(k_tiles, triton.cdiv(k_tiles, wanted))
 
 
 def grouped_matmul(a, w, out, scale, pair_ids, block_experts, num_pairs, a_row_div, block_m, config=None, split_k=1):
@@ -192,7 +187,7 @@ def grouped_moe_pairs(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk
 def pair_rows(topk_ids: torch.Tensor, num_experts: int, w2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """An empty ``out`` for grouped_moe_pairs: a row per pair in ``dtype``, or, when the down matmul splits K
     (small batches), a float32 row per pair and split."""
-    split = down_split_k(topk_ids.numel(), num_experts, w2)
+    split = split_k_for(topk_ids.numel(), num_experts, w2)
     return torch.empty(topk_ids.numel() * split, w2.shape[1], dtype=torch.float32 if split > 1 else dtype,
                        device=w2.device)
 
