@@ -181,7 +181,8 @@ def run_config(path: str, name: str, budget_gib: float, steps: int, profile: boo
         total = torch.cuda.get_device_properties(0).total_memory
         cap = (budget_gib - CUDA_CONTEXT_GIB) * 2**30
         torch.cuda.set_per_process_memory_fraction(cap / total)
-        cache_gib = cap / 2**30 - (layers * ATTENTION_BYTES + OUTER_BYTES) / 2**30 - kv_cache_gib(layers) - ACTIVATION_GIB
+        outside_cache = (layers * ATTENTION_BYTES + OUTER_BYTES) / 2**30 + kv_cache_gib(layers) + ACTIVATION_GIB
+        cache_gib = cap / 2**30 - outside_cache
         options |= dict(expert_manager="offload", offload_cache_gib=cache_gib, gpu_memory_utilization=cap / total)
     start = time.perf_counter()
     llm = LLM(path, **options)

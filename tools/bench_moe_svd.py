@@ -63,7 +63,8 @@ def run_svd(path: str, folder: str, budget_gib: float | None, steps: int, profil
     import torch
 
     from nanovllm import LLM
-    options = dict(ENGINE, expert_manager="svd", svd_experts_dir=folder, kv_cache_memory_gib=kv_cache_gib(num_layers(path)))
+    options = dict(ENGINE, expert_manager="svd", svd_experts_dir=folder,
+                   kv_cache_memory_gib=kv_cache_gib(num_layers(path)))
     if budget_gib:
         total = torch.cuda.get_device_properties(0).total_memory
         cap = (budget_gib - CUDA_CONTEXT_GIB) * 2**30
