@@ -1,6 +1,6 @@
 """nanovllm: a small, fast offline LLM inference engine with a vLLM-style API.
 
-Users need ``LLM`` and ``SamplingParams``; plugin authors also get here what plugins build on: the hook
+Users need ``LLM``, ``SamplingParams`` and ``EngineDeadError`` (a tensor-parallel rank failed); plugin authors also get here what plugins build on: the hook
 marker, the interfaces of attention backends, expert managers and KV-retention policies, the per-step
 ``Context`` attention reads, and the shared Triton ``kernels``.
 """
@@ -13,6 +13,7 @@ from nanovllm.cli.info import print_attention_backend_info
 from nanovllm.config import Config
 from nanovllm.engine.context import Context, get_context
 from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.engine.workers import EngineDeadError
 from nanovllm.expert_manager import ExpertManager
 from nanovllm.hookspecs import hookimpl
 from nanovllm.kv_retention import KVRetentionPolicy
@@ -27,6 +28,6 @@ if not _logger.handlers:
     _handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     _logger.addHandler(_handler)
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "Config", "hookimpl", "AttentionBackend", "ExpertManager",
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "EngineDeadError", "Config", "hookimpl", "AttentionBackend", "ExpertManager",
            "KVRetentionPolicy", "Context", "get_context", "kernels", "Platform", "detect_platform",
            "print_attention_backend_info"]

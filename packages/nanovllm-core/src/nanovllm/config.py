@@ -99,7 +99,11 @@ class Config:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_num_seqs="
                              f"{self.max_num_seqs}: a step must fit one token of every running sequence")
         if self.hf_config is None:
+            if not os.path.isfile(os.path.join(self.model, "config.json")):
+                raise FileNotFoundError(f"{self.model!r} has no config.json: it is not a Hugging Face checkpoint "
+                                        f"folder (config.json, *.safetensors, tokenizer files)")
             self.hf_config = AutoConfig.from_pretrained(self.model)
+        self._check_tensor_parallel_split()
         self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_model_len="
@@ -110,6 +114,22 @@ class Config:
                            detect_platform().describe())
         eos = self.hf_config.eos_token_id
         self.eos_token_ids = frozenset(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+    def _check_tensor_parallel_split(self):
+        """Each rank takes an equal share of the heads and of the MLP's width: name the dimension that does not
+        split, before any rank starts."""
+        tp, hf = self.tensor_parallel_size, self.hf_config
+        dims = ("num_attention_heads", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size")
+        for name in dims:
+            value = getattr(hf, name, None)
+            if value and value % tp:
+                divisors = [d for d in range(1, value + 1) if value % d == 0 and d <= 8]
+                raise ValueError(f"tensor_parallel_size={tp} does not divide this model's {name}={value}: use one "
+                                 f"of {divisors}")
+        kv_heads = getattr(hf, "num_key_value_heads", None)
+        if kv_heads and kv_heads % tp and tp % kv_heads:
+            raise ValueError(f"tensor_parallel_size={tp} can neither split nor replicate this model's "
+                             f"num_key_value_heads={kv_heads}: use a divisor or a multiple of {kv_heads}")
 
     @property
     def torch_dtype(self) -> torch.dtype:

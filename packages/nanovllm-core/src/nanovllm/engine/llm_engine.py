@@ -1,12 +1,10 @@
 """Tokenize, add requests, loop scheduler and model runner steps until every request is done."""
-import atexit
 import logging
-import multiprocessing as mp
 import numbers
 import os
-import socket
 import threading
 import time
+import weakref
 
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
@@ -14,9 +12,10 @@ from transformers import AutoTokenizer
 from nanovllm import plugins
 from nanovllm.attention_backend import select_backend
 from nanovllm.config import Config
-from nanovllm.engine.model_runner import ModelRunner, run_worker
+from nanovllm.engine.model_runner import ModelRunner, prepare_step
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.workers import Workers
 from nanovllm.expert_manager import select_expert_manager
 from nanovllm.kv_retention import select_kv_retention_policy
 from nanovllm.platform import detect_platform
@@ -48,12 +47,6 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LLMEngine:
     def __init__(self, model: str, **options):
         config = Config.from_options(model, **options)
@@ -73,38 +66,29 @@ class LLMEngine:
         Scheduler.check_retention(config, retention)
         self.tokenizer = load_tokenizer(config.tokenizer or model)
         config.eos_token_ids |= {self.tokenizer.eos_token_id} - {None}
-        self.processes = []
-        conns = []
-        port = _free_port() if config.tensor_parallel_size > 1 else None
-        spawn = mp.get_context("spawn")
-        for rank in range(1, config.tensor_parallel_size):
-            parent, child = spawn.Pipe()
-            process = spawn.Process(target=run_worker, args=(config, rank, model_cls, backend_cls, port, child),
-                                    daemon=True)
-            process.start()
-            self.processes.append(process)
-            conns.append(parent)
-        try:
-            self.model_runner = ModelRunner(config, 0, model_cls, backend_cls, port, conns)
-        except BaseException:
-            for process in self.processes:
-                process.terminate()
-            raise
+        self.retention_window = retention.window
+        if config.tensor_parallel_size > 1:  # every rank in its own process, watched
+            self.model_runner = Workers(config, model_cls, backend_cls)
+        else:
+            self.model_runner = ModelRunner(config, 0, model_cls, backend_cls)
         self.scheduler = Scheduler(config, self.model_runner.num_kvcache_blocks, retention)
         # Other ranks would need the sampled tokens for the next step's inputs: keep TP synchronous.
         self.async_scheduling = config.async_scheduling and config.tensor_parallel_size == 1
         self._in_flight = None  # the launched step whose sampled tokens are not read yet
         self._generate_lock = threading.Lock()
-        self._exited = False
-        atexit.register(self.exit)
+        # At garbage collection or interpreter exit, whichever comes first; holds the runner, not the engine.
+        self._exit = weakref.finalize(self, self.model_runner.exit)
 
     def exit(self):
-        if self._exited:
-            return
-        self._exited = True
-        self.model_runner.call("exit")
-        for process in self.processes:
-            process.join()
+        """Release the model, its KV cache and the tensor-parallel ranks now (also done when the engine is
+        garbage-collected, or at exit)."""
+        self._exit()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.exit()
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> Sequence:
         seq = Sequence(self._validated_token_ids(prompt), self._validated_params(sampling_params),
@@ -154,7 +138,10 @@ class LLMEngine:
         schedules and prepares step N+1 while the GPU runs step N.
         """
         batch = self.scheduler.schedule()
-        launched = (batch, self.model_runner.step(batch)) if batch else None
+        launched = None
+        if batch:
+            inputs = prepare_step(batch, self.config.kvcache_block_size, self.retention_window)
+            launched = (batch, self.model_runner.execute(inputs))
         finished = self._read_in_flight()  # the previous step's tokens, while this one runs
         self._in_flight = launched
         if not self.async_scheduling:
@@ -177,6 +164,8 @@ class LLMEngine:
 
         Calls from several threads on one engine run one after the other."""
         with self._generate_lock:
+            if not self._exit.alive:
+                raise RuntimeError("this engine has exited (exit() or the end of its with block); build a new LLM")
             return self._generate(prompts, sampling_params, use_tqdm)
 
     def _generate(self, prompts, sampling_params, use_tqdm: bool) -> list[dict]:

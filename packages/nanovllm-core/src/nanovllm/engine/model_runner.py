@@ -7,6 +7,7 @@ from datetime import timedelta
 
 import numpy as np
 import torch
+import xxhash
 import torch.distributed as dist
 
 from nanovllm.attention_backend import AttentionBackend
@@ -43,10 +44,40 @@ class StepInputs:
     logits_indices: np.ndarray  # last token of each sequence that samples this step
     # retention work, per compacted sequence: (first query row, end row, prompt blocks, prompt length, kept, kept blocks)
     compactions: tuple[tuple[int, int, list[int], int, int, list[int]], ...] = ()
+    sampling: "SamplingInputs | None" = None  # None: no sequence samples this step
 
     @property
     def is_decode(self) -> bool:
         return len(self.input_ids) == len(self.cu_seqlens_q) - 1
+
+
+def stream_seed(seed: int, num_generated: int) -> int:
+    """The seed of a seeded request's draw for its next token: the same whatever else is in the batch, and after
+    a preemption."""
+    return xxhash.xxh64_intdigest(f"{seed}:{num_generated}".encode())
+
+
+@dataclass
+class SamplingInputs:
+    """Rank 0's sampling parameters, a row per sequence that samples this step."""
+
+    temperatures: np.ndarray
+    top_k: np.ndarray  # 0: the whole vocabulary
+    top_p: np.ndarray
+    seeds: tuple[tuple[int, int, int], ...]  # (row, seed, tokens generated so far) of each seeded row
+    filter_top: bool
+
+    @classmethod
+    def of(cls, seqs: list) -> "SamplingInputs | None":
+        if not seqs:
+            return None
+        params = [seq.sampling_params for seq in seqs]
+        seeds = tuple((row, p.seed, seq.num_completion_tokens) for row, (seq, p) in enumerate(zip(seqs, params))
+                      if p.seed is not None and p.temperature > 0)
+        return cls(np.array([p.temperature for p in params], dtype=np.float32),
+                   np.array([p.top_k for p in params], dtype=np.int64),
+                   np.array([p.top_p for p in params], dtype=np.float32), seeds,
+                   any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params))
 
 
 class SampledTokens:
@@ -73,12 +104,11 @@ class SampledTokens:
 
 class ModelRunner:
     def __init__(self, config: Config, rank: int, model_cls: type, backend_cls: type[AttentionBackend],
-                 dist_port: int | None = None, conns=()):
+                 dist_port: int | None = None):
         self.config = config
         self.rank = rank
         self.world_size = config.tensor_parallel_size
         self.block_size = config.kvcache_block_size
-        self.conns = conns  # rank 0: one pipe per other rank; other ranks: the pipe from rank 0
         platform = detect_platform()
         self.device = torch.device(platform.device_type, rank if platform.device_type == "cuda" else None)
         if platform.device_type == "cuda":
@@ -240,41 +270,6 @@ class ModelRunner:
 
     # ---- steps -------------------------------------------------------------------------------
 
-    def prepare(self, batch: ScheduledBatch) -> StepInputs:
-        """Flatten the scheduled token runs of a batch into the arrays of one forward pass."""
-        num_seqs = len(batch)
-        starts = np.array(batch.starts, dtype=np.int64)
-        counts = np.array(batch.num_tokens, dtype=np.int64)
-        dropped = np.array(batch.num_dropped, dtype=np.int64)
-        cu_q = np.zeros(num_seqs + 1, dtype=np.int32)
-        np.cumsum(counts, out=cu_q[1:])
-        cu_k = np.zeros(num_seqs + 1, dtype=np.int32)
-        np.cumsum(starts + counts - dropped, out=cu_k[1:])  # KV slots after the step
-        if cu_q[-1] == num_seqs:  # all decodes: one token each
-            input_ids = np.fromiter((seq.token_ids[start] for seq, start in zip(batch.seqs, batch.starts)), np.int64,
-                                    num_seqs)
-        else:
-            input_ids = np.fromiter((t for seq, start, n in zip(batch.seqs, batch.starts, batch.num_tokens)
-                                     for t in seq.token_ids[start:start + n]), np.int64, int(cu_q[-1]))
-        seq_of_token = np.repeat(np.arange(num_seqs), counts)
-        positions = np.arange(cu_q[-1], dtype=np.int64) - np.repeat(cu_q[:-1] - starts, counts)
-        slots = positions - dropped[seq_of_token]
-        block_tables = np.zeros((num_seqs, max(map(len, batch.block_tables))), dtype=np.int32)
-        for i, table in enumerate(batch.block_tables):
-            block_tables[i, :len(table)] = table
-        slot_mapping = (block_tables[seq_of_token, slots // self.block_size].astype(np.int64) * self.block_size
-                        + slots % self.block_size)
-        logits_indices = cu_q[1:][np.array(batch.sampling)].astype(np.int64) - 1
-        compactions = []
-        for c in batch.compactions:  # the step ends each compacted sequence's prompt
-            num_prompt = int(starts[c.index] + counts[c.index])
-            window = min(self.retention.window, num_prompt)
-            end = int(cu_q[c.index + 1])
-            prompt_blocks = batch.block_tables[c.index][:-(-num_prompt // self.block_size)]
-            compactions.append((end - window, end, prompt_blocks, num_prompt, c.num_kept, c.block_table))
-        return StepInputs(input_ids, positions, cu_q, cu_k, slot_mapping, block_tables, logits_indices,
-                          tuple(compactions))
-
     @torch.inference_mode()
     def run_model(self, inputs: StepInputs) -> torch.Tensor | None:
         """Forward one step on this rank; rank 0 gets the logits of the sampling sequences."""
@@ -340,48 +335,23 @@ class ModelRunner:
         return ids
 
     @torch.inference_mode()
-    def step(self, batch: ScheduledBatch) -> SampledTokens:
-        """Rank 0: launch a batch on every rank and sample one token per sequence that samples;
-        returns without waiting for the GPU."""
-        inputs = self.prepare(batch)
-        logits = self.call("run_model", inputs)
-        sampling = [seq for seq, samples in zip(batch.seqs, batch.sampling) if samples]
-        if not sampling:
-            return SampledTokens(torch.empty(0, dtype=torch.int64))
-        params = [seq.sampling_params for seq in sampling]
+    def execute(self, inputs: StepInputs) -> SampledTokens | None:
+        """Run one step; rank 0 samples a token for each sequence that samples and returns without waiting for
+        the GPU. Other ranks return None."""
+        logits = self.run_model(inputs)
+        sampling = inputs.sampling
+        if self.rank != 0 or sampling is None:
+            return None if self.rank else SampledTokens(torch.empty(0, dtype=torch.int64))
         vocab = logits.size(-1)
-        temperatures = self._to_device("temperatures", np.array([p.temperature for p in params], dtype=np.float32))
-        top_k = self._to_device("top_k", np.array([p.top_k if p.top_k > 0 else vocab for p in params]))
-        top_p = self._to_device("top_p", np.array([p.top_p for p in params], dtype=np.float32))
-        filter_top = any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params)
-        generators = [self._generator(seq) for seq in sampling]
-        self.prev_sampled = self.sampler(logits, temperatures, top_k, top_p, generators, filter_top)
-        host_ids = self._pinned("sampled", len(sampling), torch.int64) if self.device.type == "cuda" else None
+        temperatures = self._to_device("temperatures", sampling.temperatures)
+        top_k = self._to_device("top_k", np.where(sampling.top_k > 0, sampling.top_k, vocab))
+        top_p = self._to_device("top_p", sampling.top_p)
+        generators = [None] * len(sampling.temperatures)
+        for row, seed, num_generated in sampling.seeds:
+            generators[row] = torch.Generator(self.device).manual_seed(stream_seed(seed, num_generated))
+        self.prev_sampled = self.sampler(logits, temperatures, top_k, top_p, generators, sampling.filter_top)
+        host_ids = self._pinned("sampled", len(generators), torch.int64) if self.device.type == "cuda" else None
         return SampledTokens(self.prev_sampled, host_ids)
-
-    def _generator(self, seq) -> torch.Generator | None:
-        params = seq.sampling_params
-        if params.seed is None or params.temperature == 0:
-            return None
-        if seq.generator is None:
-            seq.generator = torch.Generator(self.device).manual_seed(params.seed)
-        return seq.generator
-
-    # ---- ranks -------------------------------------------------------------------------------
-
-    def call(self, method: str, *args):
-        """Rank 0: have every rank run ``method(*args)``; return rank 0's result."""
-        for conn in self.conns:
-            conn.send((method, args))
-        return getattr(self, method)(*args)
-
-    def loop(self):
-        """Other ranks: run what rank 0 sends until it says exit."""
-        while True:
-            method, args = self.conns.recv()
-            getattr(self, method)(*args)
-            if method == "exit":
-                break
 
     def exit(self):
         """Release the model, the KV cache and the graphs, so another engine can use the device."""
@@ -396,5 +366,38 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
 
-def run_worker(config: Config, rank: int, model_cls: type, backend_cls: type, dist_port: int, conn):
-    ModelRunner(config, rank, model_cls, backend_cls, dist_port, conn).loop()
+def prepare_step(batch: ScheduledBatch, block_size: int, retention_window: int) -> StepInputs:
+    """Flatten the scheduled token runs of a batch into the arrays of one forward pass, and its sampling."""
+    num_seqs = len(batch)
+    starts = np.array(batch.starts, dtype=np.int64)
+    counts = np.array(batch.num_tokens, dtype=np.int64)
+    dropped = np.array(batch.num_dropped, dtype=np.int64)
+    cu_q = np.zeros(num_seqs + 1, dtype=np.int32)
+    np.cumsum(counts, out=cu_q[1:])
+    cu_k = np.zeros(num_seqs + 1, dtype=np.int32)
+    np.cumsum(starts + counts - dropped, out=cu_k[1:])  # KV slots after the step
+    if cu_q[-1] == num_seqs:  # all decodes: one token each
+        input_ids = np.fromiter((seq.token_ids[start] for seq, start in zip(batch.seqs, batch.starts)), np.int64,
+                                num_seqs)
+    else:
+        input_ids = np.fromiter((t for seq, start, n in zip(batch.seqs, batch.starts, batch.num_tokens)
+                                 for t in seq.token_ids[start:start + n]), np.int64, int(cu_q[-1]))
+    seq_of_token = np.repeat(np.arange(num_seqs), counts)
+    positions = np.arange(cu_q[-1], dtype=np.int64) - np.repeat(cu_q[:-1] - starts, counts)
+    slots = positions - dropped[seq_of_token]
+    block_tables = np.zeros((num_seqs, max(map(len, batch.block_tables))), dtype=np.int32)
+    for i, table in enumerate(batch.block_tables):
+        block_tables[i, :len(table)] = table
+    slot_mapping = (block_tables[seq_of_token, slots // block_size].astype(np.int64) * block_size
+                    + slots % block_size)
+    logits_indices = cu_q[1:][np.array(batch.sampling)].astype(np.int64) - 1
+    compactions = []
+    for c in batch.compactions:  # the step ends each compacted sequence's prompt
+        num_prompt = int(starts[c.index] + counts[c.index])
+        window = min(retention_window, num_prompt)
+        end = int(cu_q[c.index + 1])
+        prompt_blocks = batch.block_tables[c.index][:-(-num_prompt // block_size)]
+        compactions.append((end - window, end, prompt_blocks, num_prompt, c.num_kept, c.block_table))
+    return StepInputs(input_ids, positions, cu_q, cu_k, slot_mapping, block_tables, logits_indices,
+                      tuple(compactions), SamplingInputs.of([s for s, samples in zip(batch.seqs, batch.sampling)
+                                                             if samples]))

@@ -1,8 +1,6 @@
 from enum import Enum, auto
 from itertools import count
 
-import torch
-
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -30,7 +28,6 @@ class Sequence:
         self.block_table: list[int] = []  # KV blocks by slot: slot s is block_table[s // block_size]
         self.block_hashes: list[int] = []  # hash chain of the leading full blocks already in the cache
         self.finish_reason: str | None = None
-        self.generator: torch.Generator | None = None  # per-request RNG for seeded sampling
 
     def __len__(self):
         return len(self.token_ids)
