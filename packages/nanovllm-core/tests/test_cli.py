@@ -1,7 +1,10 @@
 """The nanovllm command: generate, info and bench, and its errors."""
 import os
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 from nanovllm.cli import main
 
@@ -49,3 +52,35 @@ def test_console_script_bench_makes_its_own_checkpoint():
                             capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
     assert "Total: " in result.stdout and "tok/s" in result.stdout
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--num-seqs", "0"], "--num-seqs: 0 is below 1"),
+    (["--num-seqs", "-3"], "--num-seqs: -3 is below 1"),
+    (["--input-len", "0", "8"], "--input-len: 0 is below 1"),
+])
+def test_bench_refuses_an_empty_workload(argv, says, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *argv])
+    assert exit_info.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_bench_refuses_an_inverted_range(capsys):
+    assert main(["bench", "--output-len", "9", "4"]) == 1
+    assert capsys.readouterr().err == "error: --output-len 9 4: MIN is above MAX\n"
+
+
+def test_library_errors_are_one_line(tiny_checkpoint, tmp_path, capsys):
+    """Every error the library raises on bad input is one line on stderr, never a traceback."""
+    good = tiny_checkpoint("qwen3")
+    no_config = tmp_path / "no-config"
+    shutil.copytree(good, no_config)
+    (no_config / "config.json").unlink()
+    cases = [(["generate", str(tmp_path / "absent"), "Hi"], "does not exist"),
+             (["generate", str(no_config), "Hi"], "has no config.json"),
+             (["generate", good, "Hi", "--tensor-parallel-size", "3"], "does not divide"),
+             (["generate", good, "Hi", "--dtype", "int3"], "dtype='int3'")]
+    for argv, says in cases:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and says in err, err

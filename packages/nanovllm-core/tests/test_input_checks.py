@@ -151,3 +151,34 @@ def test_an_error_in_one_thread_leaves_the_other_calls_alone(llm):
     for thread in threads:
         thread.join(timeout=120)
     assert len(bad_errors) == 1 and good_outputs == [expected, expected]
+
+
+# ---------------------------------------------------------------- errors that name the file, the size, the dimension
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_an_unreadable_safetensors_file_is_named(tiny_checkpoint, tmp_path, damage):
+    bad = tmp_path / damage
+    shutil.copytree(tiny_checkpoint("qwen3"), bad)
+    weights = bad / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:len(data) // 2] if damage == "truncated" else b"\x00garbage" * 64)
+    with pytest.raises(ValueError, match=f"{weights} is not a readable safetensors file .*truncated or corrupt"):
+        LLM(str(bad), max_model_len=64)
+
+
+def test_a_kv_cache_that_cannot_be_allocated_says_how_much_and_what_is_free(tiny_checkpoint):
+    with pytest.raises(RuntimeError, match=r"the KV cache of 1000000000000 blocks \(\d+\.\d+ GiB\) cannot be "
+                                           r"allocated on cpu, which has \d+\.\d+ GiB free"):
+        LLM(tiny_checkpoint("qwen3"), max_model_len=64, num_kvcache_blocks=10**12)
+
+
+@pytest.mark.parametrize("overrides, size, says", [
+    ({}, 3, "does not divide this model's num_attention_heads=4: use one of [1, 2, 4]"),
+    (dict(num_attention_heads=6, num_key_value_heads=3, head_dim=16), 2,
+     "can neither split nor replicate this model's num_key_value_heads=3"),
+    (dict(intermediate_size=126), 4, "does not divide this model's intermediate_size=126"),
+])
+def test_a_tensor_parallel_size_that_does_not_split_names_the_dimension(tiny_checkpoint, overrides, size, says):
+    with pytest.raises(ValueError) as error:
+        LLM(tiny_checkpoint("qwen3", **overrides), tensor_parallel_size=size, max_model_len=64)
+    assert says in str(error.value)

@@ -234,6 +234,24 @@ def test_nanovllm_plugins_limits_which_plugins_load(isolated_plugins, monkeypatc
     assert set(plugins.plugin_options()) == core_options  # core's own only
 
 
+def test_plugin_whose_registration_raises_is_logged_recorded_and_skipped(isolated_plugins, caplog):
+    class RaisingPlugin:
+        @nanovllm.hookimpl
+        def register_options(self, register):
+            register("half_registered", 1, "registered before the plugin raises: must not count")
+            raise KeyError("no such setting")
+
+    plugins.load_plugins()
+    isolated_plugins.pm.register(RaisingPlugin(), name="raising")
+    with caplog.at_level(logging.WARNING, logger="nanovllm.plugins"):
+        options = plugins.plugin_options()
+        plugins.plugin_options()  # logged once
+    assert "good_option" in options and "half_registered" not in options
+    assert plugins.load_failures["raising"] == "register_options raised KeyError: 'no such setting'"
+    assert [r.getMessage() for r in caplog.records if "'raising'" in r.getMessage()] == [
+        "plugin 'raising' is skipped: its register_options raised KeyError: 'no such setting'"]
+
+
 def test_plugins_load_once(isolated_plugins):
     plugins.load_plugins()
     isolated_plugins.pm.unregister(name="good")

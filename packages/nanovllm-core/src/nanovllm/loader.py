@@ -3,7 +3,7 @@ import glob
 import os
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from nanovllm.layers.linear import copy_checked
@@ -35,7 +35,7 @@ def load_model(model: nn.Module, path: str):
         expected[name] = shards or {None}
     loaded = {name: set() for name in params}
     for file in files:
-        with safe_open(file, "pt", "cpu") as f:
+        with _open_checked(file) as f:
             for tensor_name in f.keys():
                 if tensor_name in ignored:
                     continue
@@ -80,6 +80,14 @@ def load_model(model: nn.Module, path: str):
         missing += [f"{prefix}.{name}" for name in module.missing_checkpoint_tensors()]
     if missing:
         raise ValueError(f"checkpoint {path!r} lacks tensor(s) for: {', '.join(missing)}")
+
+
+def _open_checked(file: str):
+    try:
+        return safe_open(file, "pt", "cpu")
+    except SafetensorError as exc:  # the header is checked against the file's size: truncation shows here
+        raise ValueError(f"{file} is not a readable safetensors file ({exc}): it is truncated or corrupt; copy or "
+                         f"download it again") from None
 
 
 def _owner(name: str, delegates: dict) -> str | None:

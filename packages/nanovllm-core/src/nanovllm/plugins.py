@@ -19,7 +19,7 @@ DEFAULT_PLUGINS = ("nanovllm.default_plugins.expert_managers", "nanovllm.default
 pm = pluggy.PluginManager("nanovllm")
 pm.add_hookspecs(hookspecs)
 
-# Entry points that failed to load, name -> reason, for `nanovllm info`.
+# Plugins that failed to load or to register, name -> reason, for `nanovllm info`.
 load_failures: dict[str, str] = {}
 _loaded = False
 
@@ -54,7 +54,16 @@ def _collect(hook_name: str) -> list[tuple]:
     load_plugins()
     items = []
     for hookimpl in getattr(pm.hook, hook_name).get_hookimpls():  # registration order (pluggy calls LIFO)
-        hookimpl.function(register=lambda *args: items.append(args))
+        registered = []
+        try:
+            hookimpl.function(register=lambda *args: registered.append(args))
+        except Exception as exc:  # as for a plugin that fails to import: skip it, keep the others
+            failure = f"{hook_name} raised {type(exc).__name__}: {exc}"
+            if load_failures.get(hookimpl.plugin_name) != failure:
+                load_failures[hookimpl.plugin_name] = failure
+                logger.warning("plugin %r is skipped: its %s", hookimpl.plugin_name, failure)
+            continue
+        items += registered
     return items
 
 

@@ -1,6 +1,7 @@
 """The ``nanovllm`` command: generate, info, bench."""
 import argparse
 import json
+import logging
 import sys
 
 
@@ -40,12 +41,22 @@ def cmd_info(args):
     print_attention_backend_info()
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    return value
+
+
 def cmd_bench(args):
     from nanovllm.cli.bench import default_workload_shape, run_bench
     shape = default_workload_shape()
-    num_seqs = args.num_seqs or shape["num_seqs"]
+    num_seqs = args.num_seqs if args.num_seqs is not None else shape["num_seqs"]
     input_len = tuple(args.input_len or shape["input_len"])
     output_len = tuple(args.output_len or shape["output_len"])
+    for flag, (low, high) in (("--input-len", input_len), ("--output-len", output_len)):
+        if low > high:
+            raise ValueError(f"{flag} {low} {high}: MIN is above MAX")
     result = run_bench(args.model, num_seqs, input_len, output_len, args.seed, **_engine_options(args))
     print(f"Device: {result['device']}")
     print(f"Total: {result['output_tokens']} tok, Time: {result['seconds']:.2f} s, "
@@ -76,9 +87,9 @@ def main(argv=None):
 
     bench = commands.add_parser("bench", help="throughput on upstream nano-vllm's bench workload")
     bench.add_argument("--model", help="checkpoint folder (default: random weights made locally)")
-    bench.add_argument("--num-seqs", type=int)
-    bench.add_argument("--input-len", type=int, nargs=2, metavar=("MIN", "MAX"))
-    bench.add_argument("--output-len", type=int, nargs=2, metavar=("MIN", "MAX"))
+    bench.add_argument("--num-seqs", type=_at_least_one)
+    bench.add_argument("--input-len", type=_at_least_one, nargs=2, metavar=("MIN", "MAX"))
+    bench.add_argument("--output-len", type=_at_least_one, nargs=2, metavar=("MIN", "MAX"))
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", action="store_true", help="also print the result as JSON")
     _add_engine_options(bench)
@@ -87,9 +98,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:  # the library's errors on bad input
+        logging.getLogger("nanovllm").debug("traceback", exc_info=True)  # NANOVLLM_LOG_LEVEL=DEBUG shows it
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -176,13 +176,29 @@ class ModelRunner:
                              f"blocks of {self.block_size}), fewer than max_model_len={config.max_model_len}: lower "
                              f"max_model_len, or give the cache more memory (gpu_memory_utilization, "
                              f"kv_cache_memory_gib or num_kvcache_blocks)")
-        kv_cache = torch.zeros(len(self.attention_layers), 2, num_blocks, self.block_size, layer.num_kv_heads,
-                               layer.head_dim, dtype=dtype, device=self.device)
+        try:
+            kv_cache = torch.zeros(len(self.attention_layers), 2, num_blocks, self.block_size, layer.num_kv_heads,
+                                   layer.head_dim, dtype=dtype, device=self.device)
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:  # the CPU allocator raises RuntimeError
+            if "memory" not in str(exc):
+                raise
+            raise RuntimeError(f"the KV cache of {num_blocks} blocks ({num_blocks * block_bytes / 2**30:.2f} GiB) "
+                               f"cannot be allocated on {self.device}, which has {self._free_gib():.2f} GiB free: "
+                               f"give it less (num_kvcache_blocks, kv_cache_memory_gib or gpu_memory_utilization)"
+                               ) from None
         for i, attention in enumerate(self.attention_layers):
             attention.kv_cache = kv_cache[i]
         logger.info("KV cache: %d blocks of %d tokens (%.2f GiB)", num_blocks, self.block_size,
                     num_blocks * block_bytes / 2**30)
         return num_blocks
+
+    def _free_gib(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0] / 2**30
+        try:
+            return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+        except (ValueError, OSError):  # not on every system
+            return float("nan")
 
     def _num_blocks_from_free_memory(self, block_bytes: int) -> int:
         """CUDA: what gpu_memory_utilization leaves after the weights and a measured warm-up peak."""
