@@ -16,10 +16,13 @@ import time
 import weakref
 
 import fault_plugin
+import torch
 
 from nanovllm import LLM, EngineDeadError, SamplingParams, plugins
 
-OPTIONS = dict(kvcache_block_size=8, max_model_len=128, max_num_seqs=8, max_num_batched_tokens=128)
+# on a GPU too (flash-attn needs blocks of 256), where the faulty backend is the torch one, asked for by name
+OPTIONS = dict(kvcache_block_size=256 if torch.cuda.is_available() else 8, max_model_len=128, max_num_seqs=8,
+               max_num_batched_tokens=128)
 PROMPTS = [[5, 6, 7, 8], list(range(20, 50)), [9] * 12]
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 

@@ -44,7 +44,7 @@ class Config:
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-    async_scheduling: bool = True  # prepare step N+1 while step N runs (single rank only)
+    async_scheduling: bool = True  # prepare step N+1 while step N runs
     dtype: str = "auto"
     attention_backend: str | None = None
     tokenizer: str | None = None  # a folder with the tokenizer files, when the model's has none

@@ -72,8 +72,7 @@ class LLMEngine:
         else:
             self.model_runner = ModelRunner(config, 0, model_cls, backend_cls)
         self.scheduler = Scheduler(config, self.model_runner.num_kvcache_blocks, retention)
-        # Other ranks would need the sampled tokens for the next step's inputs: keep TP synchronous.
-        self.async_scheduling = config.async_scheduling and config.tensor_parallel_size == 1
+        self.async_scheduling = config.async_scheduling
         self._in_flight = None  # the launched step whose sampled tokens are not read yet
         self._generate_lock = threading.Lock()
         # At garbage collection or interpreter exit, whichever comes first; holds the runner, not the engine.

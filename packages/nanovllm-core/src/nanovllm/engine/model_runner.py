@@ -353,21 +353,29 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> SampledTokens | None:
         """Run one step; rank 0 samples a token for each sequence that samples and returns without waiting for
-        the GPU. Other ranks return None."""
+        the GPU. Other ranks return None; they get the tokens too, for the next step's placeholders."""
         logits = self.run_model(inputs)
         sampling = inputs.sampling
-        if self.rank != 0 or sampling is None:
+        if sampling is None:
             return None if self.rank else SampledTokens(torch.empty(0, dtype=torch.int64))
-        vocab = logits.size(-1)
-        temperatures = self._to_device("temperatures", sampling.temperatures)
-        top_k = self._to_device("top_k", np.where(sampling.top_k > 0, sampling.top_k, vocab))
-        top_p = self._to_device("top_p", sampling.top_p)
-        generators = [None] * len(sampling.temperatures)
-        for row, seed, num_generated in sampling.seeds:
-            generators[row] = torch.Generator(self.device).manual_seed(stream_seed(seed, num_generated))
-        self.prev_sampled = self.sampler(logits, temperatures, top_k, top_p, generators, sampling.filter_top)
-        host_ids = self._pinned("sampled", len(generators), torch.int64) if self.device.type == "cuda" else None
-        return SampledTokens(self.prev_sampled, host_ids)
+        if self.rank == 0:
+            vocab = logits.size(-1)
+            temperatures = self._to_device("temperatures", sampling.temperatures)
+            top_k = self._to_device("top_k", np.where(sampling.top_k > 0, sampling.top_k, vocab))
+            top_p = self._to_device("top_p", sampling.top_p)
+            generators = [None] * len(sampling.temperatures)
+            for row, seed, num_generated in sampling.seeds:
+                generators[row] = torch.Generator(self.device).manual_seed(stream_seed(seed, num_generated))
+            self.prev_sampled = self.sampler(logits, temperatures, top_k, top_p, generators, sampling.filter_top)
+        else:
+            self.prev_sampled = torch.empty(len(sampling.temperatures), dtype=torch.int64, device=self.device)
+        if self.world_size > 1:
+            dist.broadcast(self.prev_sampled, src=0)
+        if self.rank:
+            return None
+        cuda = self.device.type == "cuda"
+        return SampledTokens(self.prev_sampled, self._pinned("sampled", self.prev_sampled.numel(), torch.int64)
+                             if cuda else None)
 
     def exit(self):
         """Release the model, the KV cache and the graphs, so another engine can use the device."""

@@ -1,16 +1,20 @@
 """Tensor parallelism: every rank runs in its own process, and the engine's process only sends each step and
-reads rank 0's sampled tokens. It never waits inside a collective, so a rank that dies, stops or raises ends the
-call with EngineDeadError in bounded time: a watchdog reads each rank's pipe, its process, a heartbeat and a
-deadline for the step."""
+reads rank 0's sampled tokens (one step later: scheduling overlaps the GPU, as with one rank). It never waits
+inside a collective, so a rank that dies, stops or raises ends the call with EngineDeadError in bounded time: a
+watchdog reads each rank's pipe, its process, a heartbeat and a deadline for the step."""
+import collections
+import contextlib
 import logging
 import multiprocessing as mp
 import os
+import queue
 import signal
 import socket
 import threading
 import time
 import traceback
 from multiprocessing.connection import wait
+from multiprocessing.reduction import ForkingPickler
 
 from nanovllm.config import Config
 from nanovllm.engine.model_runner import ModelRunner, StepInputs
@@ -57,30 +61,56 @@ def _beat(heartbeats, rank: int, parent: int):
 
 def run_worker(config: Config, rank: int, model_cls: type, backend_cls: type, port: int, conn, heartbeats,
                parent: int):
-    """One rank: build the model, answer "ready", then run what the engine sends until it says exit. An error
-    is sent back (the engine shuts every rank down) and ends the process."""
+    """One rank: build the model, answer "ready", then run what the engine sends until it says exit. Steps are
+    launched without waiting for the GPU: rank 0's sampled tokens go back from a second thread once ready. An
+    error is sent back (the engine then shuts every rank down) and ends the process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the engine's process to handle
     threading.Thread(target=_beat, args=(heartbeats, rank, parent), daemon=True).start()
+    replies = queue.Queue()
+    unread_steps = threading.Semaphore(2)  # the sampled tokens' pinned buffers alternate by step
+    sender = threading.Thread(target=_send_replies, args=(conn, replies, unread_steps), daemon=True)
+    sender.start()
     try:
         runner = ModelRunner(config, rank, model_cls, backend_cls, port)
-        conn.send(("ready", runner.num_kvcache_blocks))
+        replies.put(("ready", runner.num_kvcache_blocks))
         while True:
             method, args = conn.recv()
-            result = getattr(runner, method)(*args)
             if method == "execute":
-                result = result.tolist() if result is not None else None
-            conn.send(("done", result))
+                unread_steps.acquire()
+                sampled = runner.execute(*args)
+                if sampled is None:  # ranks other than 0 answer a step only with an error
+                    unread_steps.release()
+                else:
+                    replies.put(("sampled", sampled))
+                continue
+            replies.put(("done", getattr(runner, method)(*args)))
             if method == "exit":
-                return
+                break
     except EOFError:  # the engine's process is gone
         return
     except BaseException as exc:
-        conn.send(("error", _describe(exc)))
+        replies.put(("error", _describe(exc)))
+    replies.put(None)
+    sender.join()
+
+
+def _send_replies(conn, replies: queue.Queue, unread_steps: threading.Semaphore):
+    """Send the replies in order; a step's sampled tokens once the GPU has them."""
+    while (reply := replies.get()) is not None:
+        kind, payload = reply
+        if kind == "sampled":
+            try:
+                payload = payload.tolist()
+            except BaseException as exc:
+                kind, payload = "error", _describe(exc)
+            unread_steps.release()
+        conn.send((kind, payload))
 
 
 class Workers:
     """The ranks of a tensor-parallel engine, seen from the engine's process: ``execute`` a step on all of
-    them, ``exit`` them. Any fault shuts them all down and raises EngineDeadError naming the rank."""
+    them (rank 0's sampled tokens are read later, so the next step is scheduled meanwhile), ``call`` a method on
+    all of them, ``exit``. Any fault shuts them all down and raises EngineDeadError naming the rank."""
 
     def __init__(self, config: Config, model_cls: type, backend_cls: type):
         self.heartbeat_timeout = _seconds("NANOVLLM_HEARTBEAT_TIMEOUT", 30.0)
@@ -89,7 +119,9 @@ class Workers:
         spawn = mp.get_context("spawn")
         self.heartbeats = spawn.Array("d", self.world_size, lock=False)  # 0 until a rank's first beat
         self.conns, self.processes = [], []
-        self.unanswered = [0] * self.world_size  # calls sent to each rank whose replies were not read yet
+        self.unanswered = [0] * self.world_size  # replies each rank still owes
+        self.replies = [collections.deque() for _ in range(self.world_size)]  # received, not yet taken
+        self.steps: collections.deque[RemoteSampledTokens] = collections.deque()  # launched, tokens not read
         self.dead: str | None = None
         port = _free_port()
         try:
@@ -103,61 +135,82 @@ class Workers:
                 self.processes.append(process)
                 self.unanswered[rank] = 1  # its "ready"
             # loading may take long: only a fault, not a deadline, ends it
-            self.num_kvcache_blocks = self._replies("building the model", None)[0]
+            self._wait(lambda: not any(self.unanswered), "building the model", None)
+            self.num_kvcache_blocks = min(replies.pop() for replies in self.replies)
         except BaseException:
             self.dead = "its construction failed"
             self._stop_processes(grace=0)
             raise
 
     def execute(self, inputs: StepInputs) -> "RemoteSampledTokens":
-        return RemoteSampledTokens(self.call("execute", inputs))
+        """Launch a step on every rank; its sampled tokens are read when asked for."""
+        self._send("execute", (inputs,), replying=[0])
+        step = RemoteSampledTokens(self)
+        self.steps.append(step)
+        return step
 
     def call(self, method: str, *args):
-        """Run ``method(*args)`` on every rank's ModelRunner; rank 0's result. The replies of a call that
-        Ctrl-C interrupted are read first (each rank runs its calls in order)."""
+        """Run ``method(*args)`` on every rank's ModelRunner; rank 0's result."""
+        while self.steps:  # earlier steps' replies come first on rank 0's pipe
+            self._read_step()
+        self._send(method, args, replying=range(self.world_size))
+        self._wait(lambda: not any(self.unanswered), method, self.step_timeout)
+        results = [self.replies[rank].pop() for rank in range(self.world_size)]
+        return results[0]
+
+    def _send(self, method: str, args: tuple, replying):
         if self.dead:
             raise EngineDeadError(f"the engine is dead: {self.dead}; build a new LLM")
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # every rank gets the call, or none
-        try:
-            for rank, conn in enumerate(self.conns):
-                conn.send((method, args))
+        message = ForkingPickler.dumps((method, args))  # once for all ranks
+        with _interrupts_deferred():  # every rank gets it, or none
+            for conn in self.conns:
+                conn.send_bytes(message)
+            for rank in replying:
                 self.unanswered[rank] += 1
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        return self._replies("the step" if method == "execute" else method, self.step_timeout)[0]
 
-    def _replies(self, what: str, timeout: float | None) -> list:
-        """Each rank's reply to its latest call, watching for errors, deaths, silence and the deadline."""
-        results = [None] * self.world_size
+    def _read_step(self):
+        """Rank 0's tokens for the oldest unread step (a step Ctrl-C abandoned gets them too, unread)."""
+        self._wait(lambda: self.replies[0], "the step", self.step_timeout)
+        self.steps.popleft().token_ids = self.replies[0].popleft()
+
+    def _wait(self, done, what: str, timeout: float | None):
+        """Receive replies until ``done()``, watching every rank for an error, its death, its silence, and the
+        deadline."""
+        if self.dead:
+            raise EngineDeadError(f"the engine is dead: {self.dead}; build a new LLM")
         deadline = None if timeout is None else time.monotonic() + timeout
-        while any(self.unanswered):
-            waiting = [r for r in range(self.world_size) if self.unanswered[r]]
-            ready = wait([self.conns[r] for r in waiting] + [p.sentinel for p in self.processes], HEARTBEAT_SECONDS)
-            for rank in waiting:
-                if self.conns[rank] in ready:
+        while not done():
+            ready = wait(self.conns + [p.sentinel for p in self.processes], HEARTBEAT_SECONDS)
+            for rank, conn in enumerate(self.conns):
+                if conn in ready:
                     try:
-                        kind, payload = self.conns[rank].recv()
-                    except EOFError:
+                        with _interrupts_deferred():  # a message read in part would garble the pipe
+                            kind, payload = conn.recv()
+                    except (EOFError, OSError):
                         continue  # the process is gone: its sentinel says how
                     if kind == "error":
                         summary, trace = payload
                         logger.error("rank %d failed while %s:\n%s", rank, what, trace)
+                        self._fail_on_deaths(what)  # a rank's death shows on the others as a collective's error
                         self._fail(f"rank {rank} failed while {what}: {summary}")
-                    results[rank] = payload
+                    self.replies[rank].append(payload)
                     self.unanswered[rank] -= 1
-            for rank, process in enumerate(self.processes):
-                if process.sentinel in ready and (self.unanswered[rank] or process.exitcode):
-                    self._fail(f"rank {rank} exited with {_exit_reason(process.exitcode)} while {what}")
+            self._fail_on_deaths(what)
             now = time.monotonic()
             silent = [r for r, beat in enumerate(self.heartbeats) if beat and now - beat > self.heartbeat_timeout]
             if silent:
                 self._fail(f"rank {silent[0]} stopped responding (no heartbeat for {self.heartbeat_timeout:g} s: "
                            f"stopped or frozen) while {what}")
-            if deadline is not None and now > deadline and any(self.unanswered):
+            if deadline is not None and now > deadline and not done():
                 late = [r for r in range(self.world_size) if self.unanswered[r]]
                 self._fail(f"ranks {late} did not finish {what} within {timeout:g} s (NANOVLLM_STEP_TIMEOUT): a "
                            f"collective may wait for a rank that will not come")
-        return results
+
+    def _fail_on_deaths(self, what: str):
+        """Fail naming the first rank whose process ended when it should not have."""
+        for rank, process in enumerate(self.processes):
+            if process.exitcode or (process.exitcode == 0 and self.unanswered[rank]):
+                self._fail(f"rank {rank} exited with {_exit_reason(process.exitcode)} while {what}")
 
     def _fail(self, reason: str):
         self.dead = reason
@@ -186,6 +239,16 @@ class Workers:
         self.processes, self.conns = [], []
 
 
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Ctrl-C's SIGINT waits until the block is done."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def _exit_reason(exitcode: int | None) -> str:
     if exitcode is not None and exitcode < 0:
         return f"signal {signal.Signals(-exitcode).name}"
@@ -193,10 +256,13 @@ def _exit_reason(exitcode: int | None) -> str:
 
 
 class RemoteSampledTokens:
-    """Rank 0's sampled token ids, already read back."""
+    """Rank 0's sampled token ids of one step, read from its pipe when first asked for."""
 
-    def __init__(self, token_ids: list[int] | None):
-        self.token_ids = token_ids or []
+    def __init__(self, workers: Workers):
+        self.workers = workers
+        self.token_ids: list[int] | None = None
 
     def tolist(self) -> list[int]:
+        while self.token_ids is None:
+            self.workers._read_step()
         return self.token_ids
