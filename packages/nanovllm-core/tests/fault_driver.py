@@ -110,6 +110,8 @@ def main():
     elif mode == "lifecycle":
         first, second = (LLM(path, tensor_parallel_size=2, **OPTIONS) for _ in range(2))
         result["side_by_side"] = [tokens(first) == reference, tokens(second) == reference]
+        with LLM(path, **OPTIONS) as llm:  # one rank beside live tensor-parallel engines: not a shard of theirs
+            result["tp1_beside"] = tokens(llm) == reference
         del first, second
         gc.collect()
         result["children_after_del"] = len(multiprocessing.active_children())

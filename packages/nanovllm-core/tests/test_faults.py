@@ -108,7 +108,7 @@ def test_failure_while_building_names_the_rank_and_the_cause(tiny_checkpoint, tm
 
 def test_engines_side_by_side_and_freed_by_del_and_with(tiny_checkpoint):
     result = run_driver(tiny_checkpoint("qwen3"), "lifecycle")
-    assert result["side_by_side"] == [True, True]
+    assert result["side_by_side"] == [True, True] and result["tp1_beside"]
     assert result["children_after_del"] == 0 and result["children_after_with"] == 0
     assert result["fds_per_engine"][1] == result["fds_per_engine"][2], "an engine built and freed leaks pipes"
     assert "has exited" in result["after_with"] and result["with_matches"]
