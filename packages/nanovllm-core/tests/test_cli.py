@@ -1,4 +1,5 @@
 """The nanovllm command: generate, info and bench, and its errors."""
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -84,3 +85,39 @@ def test_library_errors_are_one_line(tiny_checkpoint, tmp_path, capsys):
         assert main(argv) == 1, argv
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1 and says in err, err
+
+
+LOGGING_APP = """
+import logging, sys
+logging.basicConfig(level=logging.DEBUG, format="APP %(name)s: %(message)s")
+from nanovllm import LLM, SamplingParams
+llm = LLM(sys.argv[1], kvcache_block_size=8, max_num_batched_tokens=16, max_num_seqs=4)
+llm.generate([[1] * 40], SamplingParams(max_tokens=2), use_tqdm=False)
+"""
+
+
+@pytest.mark.parametrize("env, shows, hides", [
+    ({}, ["INFO nanovllm.engine.model_runner: KV cache:"], ["APP nanovllm", "admitting"]),
+    ({"NANOVLLM_LOG_LEVEL": "DEBUG"}, ["DEBUG nanovllm.engine.scheduler: admitting sequence",
+                                       "prefill chunk of 16 tokens from 16 of 40"], ["APP nanovllm"]),
+    ({"NANOVLLM_CONFIGURE_LOGGING": "0"}, ["APP nanovllm.engine.model_runner: KV cache:", "APP nanovllm.engine."
+                                           "scheduler: admitting"], ["INFO nanovllm"]),
+])
+def test_logging_once_under_an_application_that_configures_it(tiny_checkpoint, tmp_path, env, shows, hides):
+    (tmp_path / "app.py").write_text(LOGGING_APP)
+    result = subprocess.run([sys.executable, str(tmp_path / "app.py"), tiny_checkpoint("qwen3")], capture_output=True,
+                            text=True, timeout=120, env={**os.environ, **env})
+    assert result.returncode == 0, result.stderr
+    for text in shows:
+        assert text in result.stderr, result.stderr
+    for text in hides:
+        assert text not in result.stderr, result.stderr
+    kv_lines = [line for line in result.stderr.splitlines() if "KV cache:" in line]
+    assert len(kv_lines) == 1, kv_lines
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"nanovllm {importlib.metadata.version('nanovllm-core')}\n"

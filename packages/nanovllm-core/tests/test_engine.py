@@ -1,8 +1,10 @@
 """The LLM API end to end on a tiny checkpoint: sampling, accounting, bad input, errors that name the fix."""
 import json
+import logging
 import os
 import shutil
 
+import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 
@@ -212,3 +214,62 @@ def test_async_scheduling_gives_the_same_tokens(tiny_checkpoint):
         llm.exit()
     assert results[True] == results[False]
     assert results[True][0]["finish_reason"] == "stop" and results[True][0]["token_ids"][-1] == stop
+
+
+# ---------------------------------------------------------------- as vLLM users write it
+
+def test_prompt_forms_of_vllm(llm):
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    ids = llm.tokenizer.encode("Hello, world!")
+    expected = llm.generate(["Hello, world!"], greedy, use_tqdm=False)[0]["token_ids"]
+    for prompt in ["Hello, world!", ids, np.array(ids), {"prompt": "Hello, world!"}, {"prompt_token_ids": ids}]:
+        outputs = llm.generate(prompt, greedy, use_tqdm=False)
+        assert len(outputs) == 1 and outputs[0]["token_ids"] == expected, prompt
+    mixed = llm.generate([{"prompt": "Hello, world!"}, ids, "Hello, world!"], greedy, use_tqdm=False)
+    assert [o["token_ids"] for o in mixed] == [expected] * 3
+    assert llm.generate([], greedy, use_tqdm=False) == []
+    with pytest.raises(ValueError, match=r"one key, 'prompt' \(text\) or 'prompt_token_ids'; got \['text'\]"):
+        llm.generate({"text": "Hi"}, greedy, use_tqdm=False)
+
+
+def test_chat_takes_one_conversation_template_kwargs_and_generation_prompt(llm):
+    messages = [{"role": "user", "content": "Hello"}]
+    greedy = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    seen = []
+    generate = llm.generate
+    llm.generate = lambda prompts, *args: seen.append(prompts) or generate(prompts, *args)
+    try:
+        one = llm.chat(messages, greedy, use_tqdm=False)
+        llm.chat(messages, greedy, use_tqdm=False, chat_template_kwargs={"enable_thinking": False})
+        llm.chat(messages, greedy, use_tqdm=False, add_generation_prompt=False)
+    finally:
+        del llm.generate
+    assert len(one) == 1 and one == llm.chat([messages], greedy, use_tqdm=False)
+    assert seen[0][0].endswith("<|im_start|>assistant\n")
+    assert seen[1][0].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert seen[2][0].endswith("Hello<|im_end|>\n")
+
+
+def test_engine_seed_makes_sampling_repeatable(tiny_checkpoint):
+    params = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)
+    runs = []
+    for seed in (7, 7, 8):
+        with LLM(tiny_checkpoint("qwen3"), seed=seed, **OPTIONS) as engine:
+            runs.append([o["token_ids"] for o in engine.generate([[1, 2, 3], [4, 5]], params, use_tqdm=False)])
+    assert runs[0] == runs[1] != runs[2]
+    with pytest.raises(ValueError, match="seed=-1 is outside"):
+        LLM(tiny_checkpoint("qwen3"), seed=-1)
+
+
+def test_max_model_len_defaults_to_the_model_and_is_lowered_to_the_cache(tiny_checkpoint, caplog):
+    path = tiny_checkpoint("qwen3")  # max_position_embeddings 512
+    with LLM(path, kvcache_block_size=8) as engine:
+        assert engine.config.max_model_len == 512
+    with caplog.at_level(logging.WARNING, logger="nanovllm"):
+        with LLM(path, kvcache_block_size=8, num_kvcache_blocks=12) as engine:
+            assert engine.config.max_model_len == 96
+            assert engine.generate([[1] * 90], SamplingParams(max_tokens=20), use_tqdm=False)[0]["finish_reason"]
+    assert "max_model_len lowered from 512 (the model's maximum) to 96, what the KV cache holds (12 blocks of 8)" \
+        in caplog.text
+    with pytest.raises(ValueError, match="the KV cache holds 96 tokens .* fewer than max_model_len=128"):
+        LLM(path, kvcache_block_size=8, num_kvcache_blocks=12, max_model_len=128)

@@ -21,12 +21,16 @@ from nanovllm.llm import LLM
 from nanovllm.platform import Platform, detect_platform
 from nanovllm.sampling_params import SamplingParams
 
-_logger = logging.getLogger("nanovllm")
-_logger.setLevel(os.environ.get("NANOVLLM_LOG_LEVEL", "INFO").upper())
-if not _logger.handlers:
-    _handler = logging.StreamHandler()
-    _handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    _logger.addHandler(_handler)
+# As vLLM does: nanovllm's own handler, not propagated (no line twice under an application's root handler);
+# NANOVLLM_CONFIGURE_LOGGING=0 leaves the "nanovllm" logger to the application.
+if os.environ.get("NANOVLLM_CONFIGURE_LOGGING", "1") != "0":
+    _logger = logging.getLogger("nanovllm")
+    _logger.setLevel(os.environ.get("NANOVLLM_LOG_LEVEL", "INFO").upper())
+    if not _logger.handlers:
+        _handler = logging.StreamHandler()
+        _handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        _logger.addHandler(_handler)
+    _logger.propagate = False
 
 __all__ = ["LLM", "LLMEngine", "SamplingParams", "EngineDeadError", "Config", "hookimpl", "AttentionBackend", "ExpertManager",
            "KVRetentionPolicy", "Context", "get_context", "kernels", "Platform", "detect_platform",

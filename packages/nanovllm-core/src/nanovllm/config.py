@@ -8,7 +8,7 @@ from transformers import AutoConfig, PretrainedConfig
 
 from nanovllm import plugins
 from nanovllm.platform import Platform, detect_platform
-from nanovllm.sampling_params import checked_number
+from nanovllm.sampling_params import checked_number, checked_seed
 
 _DTYPES = {"float16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class Config:
     model: str
     max_num_batched_tokens: int = 16384
     max_num_seqs: int = 512
-    max_model_len: int = 4096
+    max_model_len: int | None = None  # default: the model's maximum, lowered to what the KV cache holds
     gpu_memory_utilization: float = 0.9
     kv_cache_memory_gib: float | None = None  # KV budget; default: measured on CUDA, 1 GiB on MPS, 2 GiB on CPU
     num_kvcache_blocks: int | None = None  # overrides every memory-based sizing
@@ -50,6 +50,7 @@ class Config:
     tokenizer: str | None = None  # a folder with the tokenizer files, when the model's has none
     expert_manager: str | None = None  # how MoE experts are stored: resident, offload, or a plugin's
     kv_retention: str | None = None  # which prompt KV to keep once computed: keep-all, recent, or a plugin's
+    seed: int | None = None  # seeds the sampling of requests without their own seed: the same outputs run to run
     plugin_options: dict = field(default_factory=dict)
     hf_config: PretrainedConfig | None = None
     eos_token_ids: frozenset[int] = frozenset()
@@ -76,6 +77,8 @@ class Config:
         positive = ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "kvcache_block_size", "tensor_parallel_size")
         for name in positive:
             value = getattr(self, name)
+            if name == "max_model_len" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} must be a positive integer")
         self.gpu_memory_utilization = checked_number("gpu_memory_utilization", self.gpu_memory_utilization)
@@ -104,7 +107,13 @@ class Config:
                                         f"folder (config.json, *.safetensors, tokenizer files)")
             self.hf_config = AutoConfig.from_pretrained(self.model)
         self._check_tensor_parallel_split()
-        self.max_model_len = min(self.max_model_len, self.hf_config.max_position_embeddings)
+        model_max = self.hf_config.max_position_embeddings
+        self.max_model_len_is_default = self.max_model_len is None
+        if self.max_model_len_is_default:  # chunked prefill off: a prompt must fit one step
+            self.max_model_len = model_max if self.enable_chunked_prefill else min(model_max, self.max_num_batched_tokens)
+        self.max_model_len = min(self.max_model_len, model_max)
+        if self.seed is not None:
+            self.seed = checked_seed("seed", self.seed)
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_model_len="
                              f"{self.max_model_len} with chunked prefill off: a long prompt could never be "
@@ -114,6 +123,22 @@ class Config:
                            detect_platform().describe())
         eos = self.hf_config.eos_token_id
         self.eos_token_ids = frozenset(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+    def fit_kv_capacity(self, num_blocks: int):
+        """A default max_model_len that the KV cache cannot hold is lowered to what it holds, with a warning; a
+        given one is an error."""
+        tokens = max(num_blocks, 0) * self.kvcache_block_size
+        if tokens >= self.max_model_len:
+            return
+        if not self.max_model_len_is_default or tokens == 0:
+            raise ValueError(f"the KV cache holds {tokens} tokens ({max(num_blocks, 0)} blocks of "
+                             f"{self.kvcache_block_size}), fewer than max_model_len={self.max_model_len}: lower "
+                             f"max_model_len, or give the cache more memory (gpu_memory_utilization, "
+                             f"kv_cache_memory_gib or num_kvcache_blocks)")
+        logger.warning("max_model_len lowered from %d (the model's maximum) to %d, what the KV cache holds (%d "
+                       "blocks of %d); give the cache more memory or set max_model_len", self.max_model_len, tokens,
+                       num_blocks, self.kvcache_block_size)
+        self.max_model_len = tokens
 
     def _check_tensor_parallel_split(self):
         """Each rank takes an equal share of the heads and of the MLP's width: name the dimension that does not

@@ -15,6 +15,13 @@ def checked_number(name: str, value, integer: bool = False) -> float | int:
     return int(value) if integer else float(value)
 
 
+def checked_seed(name: str, value) -> int:
+    value = checked_number(name, value, integer=True)
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{name}={value} is outside [0, 2**64 - 1]; choose a seed in that range")
+    return value
+
+
 @dataclass
 class SamplingParams:
     """How to pick the tokens of one request. temperature 0 means greedy, as in vLLM."""
@@ -48,6 +55,4 @@ class SamplingParams:
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids={list(self.stop_token_ids)} holds a negative id; token ids start at 0")
         if self.seed is not None:
-            self.seed = checked_number("seed", self.seed, integer=True)
-            if not 0 <= self.seed <= MAX_SEED:
-                raise ValueError(f"seed={self.seed} is outside [0, 2**64 - 1]; choose a seed in that range")
+            self.seed = checked_seed("seed", self.seed)

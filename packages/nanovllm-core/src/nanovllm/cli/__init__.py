@@ -1,5 +1,6 @@
 """The ``nanovllm`` command: generate, info, bench."""
 import argparse
+import importlib.metadata
 import json
 import logging
 import sys
@@ -67,6 +68,8 @@ def cmd_bench(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="nanovllm", description="nanovllm: offline LLM inference")
+    parser.add_argument("--version", action="version",
+                        version=f"nanovllm {importlib.metadata.version('nanovllm-core')}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="generate text for prompts")

@@ -47,6 +47,16 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+def _prompt_list(prompts) -> list:
+    """vLLM's forms: one prompt (text, token ids, a prompt dict) or a list of them."""
+    if isinstance(prompts, (str, dict)) or getattr(prompts, "ndim", None) == 1:
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and isinstance(prompts[0], numbers.Integral) and not isinstance(prompts[0], bool):
+        return [prompts]  # the token ids of one prompt
+    return prompts
+
+
 class LLMEngine:
     def __init__(self, model: str, **options):
         config = Config.from_options(model, **options)
@@ -71,6 +81,7 @@ class LLMEngine:
             self.model_runner = Workers(config, model_cls, backend_cls)
         else:
             self.model_runner = ModelRunner(config, 0, model_cls, backend_cls)
+        config.fit_kv_capacity(self.model_runner.num_kvcache_blocks)  # the ranks lowered their own copies
         self.scheduler = Scheduler(config, self.model_runner.num_kvcache_blocks, retention)
         self.async_scheduling = config.async_scheduling
         self._in_flight = None  # the launched step whose sampled tokens are not read yet
@@ -97,7 +108,12 @@ class LLMEngine:
 
     def _validated_token_ids(self, prompt) -> list[int]:
         """A prompt's token ids: a string is tokenized; a list, tuple or 1-D integer numpy or torch array is taken
-        as token ids, each checked."""
+        as token ids, each checked; vLLM's {"prompt": text} and {"prompt_token_ids": ids} are too."""
+        if isinstance(prompt, dict):
+            if set(prompt) not in ({"prompt"}, {"prompt_token_ids"}):
+                raise ValueError(f"a prompt dict has one key, 'prompt' (text) or 'prompt_token_ids'; got "
+                                 f"{sorted(prompt)}")
+            prompt = prompt.get("prompt", prompt.get("prompt_token_ids"))
         if isinstance(prompt, str):
             token_ids = self.tokenizer.encode(prompt)
         else:  # numpy and torch arrays give their elements as Python numbers
@@ -157,9 +173,10 @@ class LLMEngine:
     def is_finished(self) -> bool:
         return self.scheduler.is_finished() and self._in_flight is None
 
-    def generate(self, prompts: list[str] | list[list[int]], sampling_params: SamplingParams | list[SamplingParams] | None = None,
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[dict]:
-        """Generate for every prompt; returns dicts with text, token_ids, finish_reason, num_cached_tokens.
+        """Generate for every prompt (text, token ids or vLLM's prompt dicts; one or a list); returns, in prompt
+        order, dicts with text, token_ids, finish_reason, num_cached_tokens.
 
         Calls from several threads on one engine run one after the other."""
         with self._generate_lock:
@@ -168,8 +185,7 @@ class LLMEngine:
             return self._generate(prompts, sampling_params, use_tqdm)
 
     def _generate(self, prompts, sampling_params, use_tqdm: bool) -> list[dict]:
-        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], numbers.Integral)):
-            raise TypeError("prompts must be a list of strings or of token-id lists; wrap a single prompt in a list")
+        prompts = _prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         if not isinstance(sampling_params, list):

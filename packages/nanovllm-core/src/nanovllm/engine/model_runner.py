@@ -149,6 +149,8 @@ class ModelRunner:
             self._capture_cuda_graphs()
         if platform.device_type == "cuda":
             self._warmup_sampler()
+        if config.seed is not None:  # after the warm-ups: the first request sees the seeded state
+            torch.manual_seed(config.seed)
 
     def _allocate_kv_cache(self, dtype: torch.dtype, device_type: str) -> int:
         config = self.config
@@ -171,11 +173,7 @@ class ModelRunner:
             count = torch.tensor([num_blocks], device=self.device)
             dist.all_reduce(count, op=dist.ReduceOp.MIN)
             num_blocks = int(count.item())
-        if num_blocks * self.block_size < config.max_model_len:
-            raise ValueError(f"the KV cache holds {max(num_blocks, 0) * self.block_size} tokens ({max(num_blocks, 0)} "
-                             f"blocks of {self.block_size}), fewer than max_model_len={config.max_model_len}: lower "
-                             f"max_model_len, or give the cache more memory (gpu_memory_utilization, "
-                             f"kv_cache_memory_gib or num_kvcache_blocks)")
+        config.fit_kv_capacity(num_blocks)
         try:
             kv_cache = torch.zeros(len(self.attention_layers), 2, num_blocks, self.block_size, layer.num_kv_heads,
                                    layer.head_dim, dtype=dtype, device=self.device)

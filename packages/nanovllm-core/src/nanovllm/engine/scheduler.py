@@ -105,6 +105,9 @@ class Scheduler:
             if num_tokens == 0:
                 continue
             fresh = self._blocks_for(num_kept)
+            if num_tokens > 1 and seq.num_computed_tokens + num_tokens < len(seq):
+                logger.debug("sequence %d: prefill chunk of %d tokens from %d of %d", seq.seq_id, num_tokens,
+                             seq.num_computed_tokens, len(seq))
             if self._make_room(seq, seq.num_kv_slots + num_tokens, fresh, scheduled):
                 self.block_manager.allocate(seq, seq.num_kv_slots + num_tokens)
                 batch.add(seq, num_tokens, num_kept, self.block_manager.allocate_blocks(fresh))
@@ -124,6 +127,8 @@ class Scheduler:
             if not self.block_manager.can_allocate(seq, num_computed + num_tokens, cached_ids, fresh):
                 break
             self.block_manager.allocate(seq, num_computed + num_tokens, cached_ids, cached_hashes)
+            logger.debug("admitting sequence %d: %d tokens, %d from the prefix cache, %d computed now%s", seq.seq_id,
+                         len(seq), num_computed, num_tokens, " (a chunk)" if num_tokens < whole else "")
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -21,7 +21,9 @@ SMALL = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_at
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n"
+                 "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}"
+                 "{% endif %}")  # Qwen3's thinking switch
 _CORPUS = ("The quick brown fox jumps over the lazy dog. A paged KV cache stores keys and values in blocks. "
            "Continuous batching schedules many requests at once; prefix caching reuses shared prompt blocks. "
            "Hello, world! 0123456789 user assistant system")

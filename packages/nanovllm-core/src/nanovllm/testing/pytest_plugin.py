@@ -6,13 +6,17 @@
 - ``assert_matches_hf(path, prompts, outputs, **kwargs)``: fails listing every greedy token of ``outputs``
   that is not Hugging Face's argmax (``nanovllm.testing.hf_greedy_mismatches``).
 - ``gpu`` / ``multi_gpu`` markers: such tests skip, with the reason, where CUDA (or a second GPU) is missing.
+- nanovllm's log records propagate to the root logger, where ``caplog`` reads them.
 """
+import logging
+
 import pytest
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped elsewhere, with the reason)")
     config.addinivalue_line("markers", "multi_gpu: needs two or more CUDA GPUs")
+    logging.getLogger("nanovllm").propagate = True
 
 
 def pytest_runtest_setup(item):
