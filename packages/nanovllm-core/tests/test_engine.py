@@ -273,3 +273,43 @@ def test_max_model_len_defaults_to_the_model_and_is_lowered_to_the_cache(tiny_ch
         in caplog.text
     with pytest.raises(ValueError, match="the KV cache holds 96 tokens .* fewer than max_model_len=128"):
         LLM(path, kvcache_block_size=8, num_kvcache_blocks=12, max_model_len=128)
+
+
+def fill_hub_cache(cache, repo_id: str, checkpoint: str) -> str:
+    """What huggingface_hub leaves after a download: models--owner--name/snapshots/COMMIT and refs/main."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(checkpoint, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    return str(repo / "snapshots" / "0123abcd")
+
+
+def test_a_hub_id_resolves_from_the_cache_offline(tiny_checkpoint, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "default-cache"))
+    path = tiny_checkpoint("qwen3")
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    with LLM(path, **OPTIONS) as local:
+        expected = local.generate([[1, 2, 3]], greedy, use_tqdm=False)
+    snapshot = fill_hub_cache(tmp_path / "default-cache", "acme/tiny-qwen3", path)
+    with LLM("acme/tiny-qwen3", **OPTIONS) as engine:  # the default cache
+        assert engine.config.model == snapshot
+        assert engine.generate([[1, 2, 3]], greedy, use_tqdm=False) == expected
+    other = fill_hub_cache(tmp_path / "mine", "acme/tiny-2", path)
+    with LLM("acme/tiny-2", download_dir=str(tmp_path / "mine"), **OPTIONS) as engine:
+        assert engine.config.model == other
+    with pytest.raises(FileNotFoundError, match="'acme/absent' is not a local folder nor in the Hugging Face cache "
+                                                ".*HF_HUB_OFFLINE is set"):
+        LLM("acme/absent")
+    with pytest.raises(FileNotFoundError, match="model folder 'no/such/folder' does not exist"):
+        LLM("no/such/folder")
+
+
+def test_an_unreachable_hub_is_a_clear_error(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    with pytest.raises(FileNotFoundError, match="'acme/absent' is not a local folder nor in the Hugging Face cache "
+                                                ".* and the hub could not provide it"):
+        LLM("acme/absent", download_dir=str(tmp_path))

@@ -28,6 +28,37 @@ def compute_dtype(checkpoint_dtype: torch.dtype, dtype: str, platform: Platform)
     return checkpoint_dtype
 
 
+# What an engine reads of a hub repository: weights, configs, tokenizer files (not other formats' weights).
+HUB_FILES = ["*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt"]
+
+
+def resolve_model(model: str, download_dir: str | None = None) -> str:
+    """A local folder as it is; a Hugging Face hub id (``owner/name``) from the local cache, else downloaded
+    (safetensors, configs and tokenizer files only; HF_HUB_OFFLINE=1 forbids it)."""
+    if os.path.isdir(model):
+        return model
+    if model.count("/") != 1 or model.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model folder {model!r} does not exist; pass a local Hugging Face checkpoint folder "
+                                f"(config.json, *.safetensors, tokenizer) or a hub id such as Qwen/Qwen3-0.6B")
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    try:
+        return snapshot_download(model, cache_dir=download_dir, allow_patterns=HUB_FILES, local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass
+    cache = download_dir or constants.HF_HUB_CACHE
+    if constants.HF_HUB_OFFLINE:
+        raise FileNotFoundError(f"{model!r} is not a local folder nor in the Hugging Face cache {cache}, and "
+                                f"HF_HUB_OFFLINE is set: download it once online, or pass a local folder")
+    logger.info("downloading %s from the Hugging Face hub into %s", model, cache)
+    try:
+        return snapshot_download(model, cache_dir=download_dir, allow_patterns=HUB_FILES)
+    except Exception as exc:  # unreachable hub, unknown or gated repository: all end here
+        raise FileNotFoundError(f"{model!r} is not a local folder nor in the Hugging Face cache {cache}, and the hub "
+                                f"could not provide it ({type(exc).__name__}: {exc}); check the id and the network, "
+                                f"or pass a local folder") from None
+
+
 @dataclass
 class Config:
     """Engine options; every field is a keyword of ``LLM(model, ...)``."""
@@ -50,6 +81,7 @@ class Config:
     tokenizer: str | None = None  # a folder with the tokenizer files, when the model's has none
     expert_manager: str | None = None  # how MoE experts are stored: resident, offload, or a plugin's
     kv_retention: str | None = None  # which prompt KV to keep once computed: keep-all, recent, or a plugin's
+    download_dir: str | None = None  # where hub models are cached (default: Hugging Face's cache)
     seed: int | None = None  # seeds the sampling of requests without their own seed: the same outputs run to run
     plugin_options: dict = field(default_factory=dict)
     hf_config: PretrainedConfig | None = None
@@ -71,9 +103,9 @@ class Config:
         return cls(model, plugin_options=plugin_values, **options)
 
     def __post_init__(self):
-        if not os.path.isdir(self.model):
-            raise FileNotFoundError(f"model folder {self.model!r} does not exist; pass the path of a local "
-                                    f"Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer)")
+        self.model = resolve_model(self.model, self.download_dir)
+        if self.tokenizer is not None:
+            self.tokenizer = resolve_model(self.tokenizer, self.download_dir)
         positive = ("max_num_batched_tokens", "max_num_seqs", "max_model_len", "kvcache_block_size", "tensor_parallel_size")
         for name in positive:
             value = getattr(self, name)

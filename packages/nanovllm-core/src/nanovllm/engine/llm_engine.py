@@ -74,7 +74,7 @@ class LLMEngine:
         logger.info("KV retention: %s", why)
         retention = retention_cls(config)
         Scheduler.check_retention(config, retention)
-        self.tokenizer = load_tokenizer(config.tokenizer or model)
+        self.tokenizer = load_tokenizer(config.tokenizer or config.model)
         config.eos_token_ids |= {self.tokenizer.eos_token_id} - {None}
         self.retention_window = retention.window
         if config.tensor_parallel_size > 1:  # every rank in its own process, watched
