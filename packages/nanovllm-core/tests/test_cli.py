@@ -1,4 +1,5 @@
 """The nanovllm command: generate, info and bench, and its errors."""
+import argparse
 import importlib.metadata
 import os
 import shutil
@@ -121,3 +122,27 @@ def test_version(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out == f"nanovllm {importlib.metadata.version('nanovllm-core')}\n"
+
+
+def test_every_engine_and_plugin_option_is_a_flag_with_help():
+    from nanovllm import plugins
+    from nanovllm.cli import _add_engine_options, _engine_options
+    from nanovllm.config import engine_options
+    parser = argparse.ArgumentParser()
+    _add_engine_options(parser)
+    names = [o.name for o in engine_options()] + list(plugins.plugin_options())
+    flags = {action.dest: action for action in parser._actions if action.dest != "help"}
+    assert set(names) == set(flags) and all(flags[name].help for name in names)
+    args = parser.parse_args(["--max-model-len", "64", "--no-enable-prefix-caching", "--kv-keep-first", "2",
+                              "--enable-snapkv", "--snapkv-limit", "32", "--gpu-memory-utilization", "0.5"])
+    assert _engine_options(args) == dict(max_model_len=64, enable_prefix_caching=False, kv_keep_first=2,
+                                         enable_snapkv=True, snapkv_limit=32, gpu_memory_utilization=0.5)
+
+
+def test_generate_passes_plugin_options(tiny_checkpoint, capsys):
+    path = tiny_checkpoint("qwen3")
+    assert main(["generate", path, "Hello there", "--max-tokens", "2", "--max-model-len", "64",
+                 "--kv-retention", "recent", "--kv-keep-first", "1", "--kv-keep-last", "2"]) == 0
+    assert "Output: " in capsys.readouterr().out
+    assert main(["generate", path, "Hi", "--kv-keep-first", "-1", "--kv-retention", "recent"]) == 1
+    assert "kv_keep_first" in capsys.readouterr().err

@@ -28,6 +28,16 @@ def compute_dtype(checkpoint_dtype: torch.dtype, dtype: str, platform: Platform)
     return checkpoint_dtype
 
 
+def option(default, help: str):
+    """An engine option: a keyword of LLM() and a flag of the CLI, with its help."""
+    return field(default=default, metadata={"help": help})
+
+
+def engine_options() -> list[dataclasses.Field]:
+    """The fields of Config that are LLM() keywords, in order."""
+    return [f for f in dataclasses.fields(Config) if "help" in f.metadata]
+
+
 # What an engine reads of a hub repository: weights, configs, tokenizer files (not other formats' weights).
 HUB_FILES = ["*.safetensors", "*.json", "tokenizer.model", "*.tiktoken", "merges.txt", "vocab.txt"]
 
@@ -64,25 +74,28 @@ class Config:
     """Engine options; every field is a keyword of ``LLM(model, ...)``."""
 
     model: str
-    max_num_batched_tokens: int = 16384
-    max_num_seqs: int = 512
-    max_model_len: int | None = None  # default: the model's maximum, lowered to what the KV cache holds
-    gpu_memory_utilization: float = 0.9
-    kv_cache_memory_gib: float | None = None  # KV budget; default: measured on CUDA, 1 GiB on MPS, 2 GiB on CPU
-    num_kvcache_blocks: int | None = None  # overrides every memory-based sizing
-    kvcache_block_size: int = 256
-    tensor_parallel_size: int = 1
-    enforce_eager: bool = False
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    async_scheduling: bool = True  # prepare step N+1 while step N runs
-    dtype: str = "auto"
-    attention_backend: str | None = None
-    tokenizer: str | None = None  # a folder with the tokenizer files, when the model's has none
-    expert_manager: str | None = None  # how MoE experts are stored: resident, offload, or a plugin's
-    kv_retention: str | None = None  # which prompt KV to keep once computed: keep-all, recent, or a plugin's
-    download_dir: str | None = None  # where hub models are cached (default: Hugging Face's cache)
-    seed: int | None = None  # seeds the sampling of requests without their own seed: the same outputs run to run
+    max_num_batched_tokens: int = option(16384, "tokens computed per step")
+    max_num_seqs: int = option(512, "sequences running at once")
+    max_model_len: int | None = option(None, "longest prompt plus output; default: the model's maximum, lowered "
+                                             "to what the KV cache holds")
+    gpu_memory_utilization: float = option(0.9, "share of GPU memory for weights, activations and KV cache")
+    kv_cache_memory_gib: float | None = option(None, "KV cache budget in GiB; default: measured on CUDA, 1 on MPS, "
+                                                     "2 on CPU")
+    num_kvcache_blocks: int | None = option(None, "KV cache size in blocks, overriding every memory-based sizing")
+    kvcache_block_size: int = option(256, "tokens per KV block")
+    tensor_parallel_size: int = option(1, "ranks (processes): gloo on CPU, NCCL on CUDA")
+    enforce_eager: bool = option(False, "no CUDA graphs")
+    enable_prefix_caching: bool = option(True, "reuse KV blocks of shared prompt prefixes")
+    enable_chunked_prefill: bool = option(True, "split long prompts over steps, mixed with decodes")
+    async_scheduling: bool = option(True, "prepare step N+1 while step N runs")
+    dtype: str = option("auto", "auto (the checkpoint's), float16, bfloat16 or float32")
+    attention_backend: str | None = option(None, "an attention backend by name (default: the best installed)")
+    tokenizer: str | None = option(None, "a folder (or hub id) with the tokenizer files, when the model's has none")
+    expert_manager: str | None = option(None, "how MoE experts are stored: resident, offload, or a plugin's")
+    kv_retention: str | None = option(None, "which prompt KV to keep once computed: keep-all, recent, or a "
+                                            "plugin's")
+    download_dir: str | None = option(None, "where hub models are cached (default: Hugging Face's cache)")
+    seed: int | None = option(None, "seeds the sampling of requests without their own seed: runs repeat")
     plugin_options: dict = field(default_factory=dict)
     hf_config: PretrainedConfig | None = None
     eos_token_ids: frozenset[int] = frozenset()
@@ -90,7 +103,7 @@ class Config:
     @classmethod
     def from_options(cls, model: str, **options) -> "Config":
         """Build a Config from ``LLM(...)`` keywords; unknown keywords fail with the known ones."""
-        known = {f.name for f in dataclasses.fields(cls)} - {"model", "plugin_options", "hf_config", "eos_token_ids"}
+        known = {f.name for f in engine_options()}
         extra = plugins.plugin_options()
         if known & set(extra):
             raise ValueError(f"plugin option(s) {sorted(known & set(extra))} would shadow core options of the same "

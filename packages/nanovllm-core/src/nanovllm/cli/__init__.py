@@ -6,21 +6,45 @@ import logging
 import sys
 
 
+def _value(text: str):
+    """A plugin option's value from the command line: an int, a float, or the text."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def _add_engine_options(parser: argparse.ArgumentParser):
+    """A flag for every keyword of LLM(), core's and the installed plugins', with its help (default: LLM's)."""
+    import typing
+
+    from nanovllm import plugins
+    from nanovllm.config import engine_options
     group = parser.add_argument_group("engine options (keywords of LLM)")
-    group.add_argument("--max-model-len", type=int)
-    group.add_argument("--max-num-seqs", type=int)
-    group.add_argument("--max-num-batched-tokens", type=int)
-    group.add_argument("--tensor-parallel-size", type=int)
-    group.add_argument("--gpu-memory-utilization", type=float)
-    group.add_argument("--dtype")
-    group.add_argument("--attention-backend")
-    group.add_argument("--enforce-eager", action="store_true", default=None)
+    for option in engine_options():
+        flag, help = "--" + option.name.replace("_", "-"), option.metadata["help"]
+        kind = next(t for t in typing.get_args(option.type) or (option.type,) if t is not type(None))
+        if kind is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{help} (default: {option.default})")
+        else:
+            group.add_argument(flag, type=kind, help=help)
+    group = parser.add_argument_group("plugin options (keywords of LLM)")
+    for option in plugins.plugin_options().values():
+        flag = "--" + option.name.replace("_", "-")
+        help = option.help if option.default is None else f"{option.help} (default: {option.default})"
+        if isinstance(option.default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help)
+        else:
+            group.add_argument(flag, type=_value, help=help)
 
 
 def _engine_options(args) -> dict:
-    names = ["max_model_len", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size",
-             "gpu_memory_utilization", "dtype", "attention_backend", "enforce_eager"]
+    from nanovllm import plugins
+    from nanovllm.config import engine_options
+    names = [option.name for option in engine_options()] + list(plugins.plugin_options())
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
@@ -28,7 +52,7 @@ def cmd_generate(args):
     from nanovllm import LLM, SamplingParams
     llm = LLM(args.model, **_engine_options(args))
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            max_tokens=args.max_tokens, ignore_eos=args.ignore_eos, seed=args.seed)
+                            max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], params, use_tqdm=False)
     else:
@@ -58,7 +82,7 @@ def cmd_bench(args):
     for flag, (low, high) in (("--input-len", input_len), ("--output-len", output_len)):
         if low > high:
             raise ValueError(f"{flag} {low} {high}: MIN is above MAX")
-    result = run_bench(args.model, num_seqs, input_len, output_len, args.seed, **_engine_options(args))
+    result = run_bench(args.model, num_seqs, input_len, output_len, args.workload_seed, **_engine_options(args))
     print(f"Device: {result['device']}")
     print(f"Total: {result['output_tokens']} tok, Time: {result['seconds']:.2f} s, "
           f"Throughput: {result['throughput']:.2f} tok/s")
@@ -73,13 +97,12 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="generate text for prompts")
-    generate.add_argument("model", help="local Hugging Face checkpoint folder")
+    generate.add_argument("model", help="a local Hugging Face checkpoint folder or a hub id (Qwen/Qwen3-0.6B)")
     generate.add_argument("prompts", nargs="+")
     generate.add_argument("--temperature", type=float, default=0.0)
     generate.add_argument("--top-k", type=int, default=-1)
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--max-tokens", type=int, default=64)
-    generate.add_argument("--seed", type=int)
     generate.add_argument("--ignore-eos", action="store_true")
     generate.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     _add_engine_options(generate)
@@ -93,7 +116,7 @@ def main(argv=None):
     bench.add_argument("--num-seqs", type=_at_least_one)
     bench.add_argument("--input-len", type=_at_least_one, nargs=2, metavar=("MIN", "MAX"))
     bench.add_argument("--output-len", type=_at_least_one, nargs=2, metavar=("MIN", "MAX"))
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--workload-seed", type=int, default=0, help="seed of the random prompts and lengths")
     bench.add_argument("--json", action="store_true", help="also print the result as JSON")
     _add_engine_options(bench)
     bench.set_defaults(func=cmd_bench)
