@@ -1,5 +1,6 @@
 """The nanovllm command: generate, info and bench, and its errors."""
 import argparse
+import ast
 import importlib.metadata
 import os
 import shutil
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from nanovllm.cli import main
 
@@ -146,3 +148,14 @@ def test_generate_passes_plugin_options(tiny_checkpoint, capsys):
     assert "Output: " in capsys.readouterr().out
     assert main(["generate", path, "Hi", "--kv-keep-first", "-1", "--kv-retention", "recent"]) == 1
     assert "kv_keep_first" in capsys.readouterr().err
+
+
+def test_random_checkpoint_tokenizer_covers_the_vocabulary(tmp_path, capsys):
+    from nanovllm.testing import TINY, make_random_checkpoint, make_tokenizer
+    tokenizer = make_tokenizer(5000)
+    assert len(tokenizer) == 5000
+    assert all(tokenizer.decode([i]).strip() for i in range(400, 5000))
+    path = make_random_checkpoint(str(tmp_path / "ckpt"), dtype=torch.float32, **{**TINY, "vocab_size": 2000})
+    assert main(["generate", path, "Hello", "--max-tokens", "8", "--ignore-eos", "--max-model-len", "64"]) == 0
+    text = capsys.readouterr().out.split("Output: ")[1]
+    assert len(ast.literal_eval(text.strip())) >= 8  # eight tokens, each some text

@@ -4,6 +4,8 @@ used by ``nanovllm bench``), the Hugging Face greedy-agreement check, and Triton
 The pytest fixtures built on these (``tiny_checkpoint``, ``assert_matches_hf``) and the ``gpu`` marker's skip
 come with nanovllm-core as a pytest plugin (``nanovllm.testing.pytest_plugin``). Nothing here downloads.
 """
+import itertools
+import json
 import os
 import subprocess
 import sys
@@ -30,15 +32,26 @@ _CORPUS = ("The quick brown fox jumps over the lazy dog. A paged KV cache stores
 
 
 def make_tokenizer(vocab_size: int = 400):
-    """A byte-level BPE tokenizer (any text encodes) with a chat template, trained on a tiny corpus."""
+    """A byte-level BPE tokenizer (any text encodes) with a chat template, trained on a tiny corpus to at most 400
+    tokens; past those, made-up words fill the vocabulary to ``vocab_size``, so every id a model of that vocabulary
+    samples decodes to text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=min(vocab_size, 400), special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator([_CORPUS] * 4, trainer)
+    if vocab_size > tokenizer.get_vocab_size():
+        data = json.loads(tokenizer.to_str())
+        vocab = data["model"]["vocab"]
+        words = ("\u0120" + "".join(chr(ord("a") + int(d)) for d in str(n)) for n in itertools.count())  # " abc"
+        for word in words:
+            if len(vocab) == vocab_size:
+                break
+            vocab.setdefault(word, len(vocab))
+        tokenizer = Tokenizer.from_str(json.dumps(data))
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     fast.chat_template = CHAT_TEMPLATE
     return fast
@@ -51,7 +64,7 @@ def make_random_checkpoint(path: str, architecture: str = "Qwen3ForCausalLM", dt
     model_type = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2", "LlamaForCausalLM": "llama",
                   "MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe",
                   "Qwen3MoeForCausalLM": "qwen3_moe"}[architecture]
-    tokenizer = make_tokenizer(min(400, config_overrides.get("vocab_size", SMALL["vocab_size"])))
+    tokenizer = make_tokenizer(config_overrides.get("vocab_size", SMALL["vocab_size"]))
     options = {**SMALL, **config_overrides}
     options.setdefault("eos_token_id", tokenizer.eos_token_id)
     config = AutoConfig.for_model(model_type, architectures=[architecture], **options)
