@@ -2,6 +2,7 @@
 import argparse
 import ast
 import importlib.metadata
+import json
 import os
 import shutil
 import subprocess
@@ -44,9 +45,17 @@ def test_info_names_platform_plugins_and_backend(capsys):
 def test_bench_on_a_given_checkpoint(tiny_checkpoint, capsys):
     path = tiny_checkpoint("qwen3")
     assert main(["bench", "--model", path, "--num-seqs", "4", "--input-len", "8", "16", "--output-len", "4", "8",
-                 "--max-model-len", "64", "--max-num-seqs", "8", "--max-num-batched-tokens", "64"]) == 0
-    out = capsys.readouterr().out
-    assert "Device: CPU" in out and "Throughput:" in out
+                 "--max-model-len", "64", "--max-num-seqs", "8", "--max-num-batched-tokens", "64", "--repeats", "2",
+                 "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "Workload: 4 sequences, prompts of 8..16 and outputs of 4..8 tokens" in out
+    assert "Device: CPU" in out and "(median of 2: " in out and "bench runs" in err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["num_seqs"] == 4 and result["input_len"] == [8, 16] and result["repeats"] == 2
+    assert result["engine_options"] == dict(max_model_len=64, max_num_seqs=8, max_num_batched_tokens=64)
+    assert len(result["seconds"]) == 2 and result["median_seconds"] == sum(result["seconds"]) / 2
+    from nanovllm.cli.bench import make_workload
+    assert result["output_tokens"] == sum(p.max_tokens for p in make_workload(4, (8, 16), (4, 8), 0, 511)[1])
 
 
 def test_console_script_bench_makes_its_own_checkpoint():

@@ -82,10 +82,12 @@ def cmd_bench(args):
     for flag, (low, high) in (("--input-len", input_len), ("--output-len", output_len)):
         if low > high:
             raise ValueError(f"{flag} {low} {high}: MIN is above MAX")
-    result = run_bench(args.model, num_seqs, input_len, output_len, args.workload_seed, **_engine_options(args))
+    result = run_bench(args.model, num_seqs, input_len, output_len, args.workload_seed, args.repeats,
+                       **_engine_options(args))
     print(f"Device: {result['device']}")
-    print(f"Total: {result['output_tokens']} tok, Time: {result['seconds']:.2f} s, "
-          f"Throughput: {result['throughput']:.2f} tok/s")
+    print(f"Total: {result['output_tokens']} tok, Time: {result['median_seconds']:.2f} s (median of "
+          f"{result['repeats']}: {', '.join(f'{s:.2f}' for s in result['seconds'])}), Throughput: "
+          f"{result['throughput']:.2f} tok/s ({result['throughput_min']:.2f} to {result['throughput_max']:.2f})")
     if args.json:
         print(json.dumps(result))
 
@@ -117,7 +119,8 @@ def main(argv=None):
     bench.add_argument("--input-len", type=_at_least_one, nargs=2, metavar=("MIN", "MAX"))
     bench.add_argument("--output-len", type=_at_least_one, nargs=2, metavar=("MIN", "MAX"))
     bench.add_argument("--workload-seed", type=int, default=0, help="seed of the random prompts and lengths")
-    bench.add_argument("--json", action="store_true", help="also print the result as JSON")
+    bench.add_argument("--repeats", type=_at_least_one, default=3, help="timed runs after the warm-up")
+    bench.add_argument("--json", action="store_true", help="also print the result, with the parameters, as JSON")
     _add_engine_options(bench)
     bench.set_defaults(func=cmd_bench)
 
