@@ -5,6 +5,7 @@ import os
 import shutil
 
 import numpy as np
+import torch
 import pytest
 from safetensors.torch import load_file, save_file
 
@@ -313,3 +314,36 @@ def test_an_unreachable_hub_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="'acme/absent' is not a local folder nor in the Hugging Face cache "
                                                 ".* and the hub could not provide it"):
         LLM("acme/absent", download_dir=str(tmp_path))
+
+
+def test_penalties_and_min_tokens_greedy_match_transformers_generate(tiny_checkpoint):
+    """Greedy generation with a repetition penalty and min_tokens equals transformers' generate with the same."""
+    from transformers import AutoModelForCausalLM
+    path = tiny_checkpoint("qwen3")
+    hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    prompts = [[5, 6, 7, 5, 6, 7, 5, 6], [40, 41] * 6]
+    with LLM(path, **OPTIONS) as llm:
+        eos = llm.tokenizer.eos_token_id
+        # each prompt's first greedy token ends it, unless min_tokens holds it back
+        stops = [o["token_ids"][0] for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=1),
+                                                         use_tqdm=False)]
+        for params, hf_options in [
+            (dict(repetition_penalty=1.5), dict(repetition_penalty=1.5)),
+            (dict(min_tokens=5, stop_token_ids=stops), dict(min_new_tokens=5)),
+        ]:
+            sampling = SamplingParams(temperature=0, **{"max_tokens": 10, **params})
+            got = [o["token_ids"] for o in llm.generate(prompts, sampling, use_tqdm=False)]
+            for prompt, tokens in zip(prompts, got):
+                ends = [eos, *stops] if "min_tokens" in params else eos
+                out = hf.generate(torch.tensor([prompt]), do_sample=False, eos_token_id=ends, pad_token_id=eos,
+                                  **{"max_new_tokens": 10, **hf_options})
+                assert tokens == out[0, len(prompt):].tolist(), params
+                assert len(tokens) >= 5 if "min_tokens" in params else True
+
+
+def test_presence_and_frequency_penalties_push_repeats_away(llm):
+    prompt = [9, 9, 9, 9]
+    plain = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    pushed = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                                   frequency_penalty=2.0, presence_penalty=2.0), use_tqdm=False)
+    assert len(set(pushed[0]["token_ids"])) > len(set(plain[0]["token_ids"]))

@@ -234,3 +234,42 @@ def test_zero_noise_never_selects_a_zero_probability_token(monkeypatch):
     out = sample(logits, 1.0, top_k=torch.tensor([2, 4]), generators=gens, filter_top=True)
     assert out[0].item() in (1, 2)
     assert out[1].item() != 0
+
+
+# ---------------------------------------------------------------- penalties, min_p, min_tokens against transformers
+
+def test_penalties_match_transformers_and_the_openai_formula():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from nanovllm.layers.sampler import apply_penalties
+    torch.manual_seed(0)
+    vocab, prompt, output = 50, [3, 7, 7, 9], [7, 11, 11, 11, 2]
+    logits = torch.randn(1, vocab) * 3
+    history = torch.tensor([prompt + output + [vocab, vocab]])  # padded with the vocab size
+    got = apply_penalties(logits, history, torch.tensor([len(prompt)]), torch.tensor([[1.7, 0.0, 0.0]]))
+    expected = RepetitionPenaltyLogitsProcessor(1.7)(torch.tensor([prompt + output]), logits.clone())
+    torch.testing.assert_close(got, expected)
+    got = apply_penalties(logits, history, torch.tensor([len(prompt)]), torch.tensor([[1.0, 0.5, 0.25]]))
+    counts = torch.bincount(torch.tensor(output), minlength=vocab).float()
+    torch.testing.assert_close(got[0], logits[0] - 0.25 * counts - 0.5 * (counts > 0).float())  # prompt-only 3, 9 untouched
+
+
+def test_min_p_matches_transformers():
+    from transformers import MinPLogitsWarper
+
+    from nanovllm.layers.sampler import apply_min_p
+    torch.manual_seed(1)
+    scores = torch.randn(3, 40) * 2
+    got = apply_min_p(scores, torch.tensor([0.1, 0.1, 0.1]))
+    expected = MinPLogitsWarper(0.1)(None, scores.clone())
+    assert torch.equal(got.isinf(), expected.isinf()) and torch.equal(got[~got.isinf()], scores[~got.isinf()])
+
+
+def test_min_tokens_ban_matches_transformers():
+    from transformers import MinNewTokensLengthLogitsProcessor
+
+    from nanovllm.layers.sampler import ban_tokens
+    scores = torch.randn(1, 30)
+    processor = MinNewTokensLengthLogitsProcessor(prompt_length_to_skip=4, min_new_tokens=3, eos_token_id=[5, 8])
+    expected = processor(torch.zeros(1, 5, dtype=torch.long), scores.clone())  # one new token so far: banned
+    torch.testing.assert_close(ban_tokens(scores, torch.tensor([[5, 8, 30]])), expected)

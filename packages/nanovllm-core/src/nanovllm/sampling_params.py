@@ -33,6 +33,15 @@ class SamplingParams:
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
+    min_tokens: int = 0  # tokens before eos or a stop token may end the output
+    min_p: float = 0.0  # drop tokens less probable than min_p times the most probable one
+    repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and output: logit / p if > 0, else * p
+    presence_penalty: float = 0.0  # subtracted from the logit of each token already in the output
+    frequency_penalty: float = 0.0  # subtracted once per occurrence in the output
+
+    @property
+    def penalized(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
     def __post_init__(self):
         self.temperature = checked_number("temperature", self.temperature)
@@ -56,3 +65,16 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids={list(self.stop_token_ids)} holds a negative id; token ids start at 0")
         if self.seed is not None:
             self.seed = checked_seed("seed", self.seed)
+        self.min_tokens = checked_number("min_tokens", self.min_tokens, integer=True)
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens={self.min_tokens} is outside [0, max_tokens={self.max_tokens}]")
+        self.min_p = checked_number("min_p", self.min_p)
+        if not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p={self.min_p} is outside [0, 1]; use 0 to keep all tokens")
+        self.repetition_penalty = checked_number("repetition_penalty", self.repetition_penalty)
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be positive; 1 is none")
+        for name in ("presence_penalty", "frequency_penalty"):
+            setattr(self, name, checked_number(name, getattr(self, name)))
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name}={getattr(self, name)} is outside [-2, 2] (as in vLLM and OpenAI's API)")

@@ -155,7 +155,8 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         launched = None
         if batch:
-            inputs = prepare_step(batch, self.config.kvcache_block_size, self.retention_window)
+            inputs = prepare_step(batch, self.config.kvcache_block_size, self.retention_window,
+                                  self.config.eos_token_ids)
             launched = (batch, self.model_runner.execute(inputs))
         finished = self._read_in_flight()  # the previous step's tokens, while this one runs
         self._in_flight = launched

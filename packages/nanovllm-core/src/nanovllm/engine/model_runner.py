@@ -18,7 +18,7 @@ from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.expert_manager import select_expert_manager
 from nanovllm.kv_retention import select_kv_retention_policy
 from nanovllm.layers.attention import Attention
-from nanovllm.layers.sampler import Sampler
+from nanovllm.layers.sampler import LogitsAdjustments, Sampler
 from nanovllm.loader import load_model
 from nanovllm.platform import detect_platform
 
@@ -59,25 +59,53 @@ def stream_seed(seed: int, num_generated: int) -> int:
 
 @dataclass
 class SamplingInputs:
-    """Rank 0's sampling parameters, a row per sequence that samples this step."""
+    """Rank 0's sampling parameters, a row per sequence that samples this step; the arrays that only some
+    options need are None when no row uses them."""
 
     temperatures: np.ndarray
     top_k: np.ndarray  # 0: the whole vocabulary
     top_p: np.ndarray
     seeds: tuple[tuple[int, int, int], ...]  # (row, seed, tokens generated so far) of each seeded row
     filter_top: bool
+    min_p: np.ndarray | None = None
+    banned: np.ndarray | None = None  # [rows, k]: eos and stop ids of rows short of min_tokens, PAD after
+    history: np.ndarray | None = None  # [rows, L]: prompt and output ids before this step's, PAD after
+    num_prompt: np.ndarray | None = None
+    penalties: np.ndarray | None = None  # [rows, 3]: repetition, presence, frequency
+
+    PAD = -2**62  # placeholders of tokens in flight are -1, -2, ...
 
     @classmethod
-    def of(cls, seqs: list) -> "SamplingInputs | None":
+    def of(cls, seqs: list, eos_token_ids: frozenset[int] = frozenset()) -> "SamplingInputs | None":
         if not seqs:
             return None
         params = [seq.sampling_params for seq in seqs]
         seeds = tuple((row, p.seed, seq.num_completion_tokens) for row, (seq, p) in enumerate(zip(seqs, params))
                       if p.seed is not None and p.temperature > 0)
-        return cls(np.array([p.temperature for p in params], dtype=np.float32),
-                   np.array([p.top_k for p in params], dtype=np.int64),
-                   np.array([p.top_p for p in params], dtype=np.float32), seeds,
-                   any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params))
+        inputs = cls(np.array([p.temperature for p in params], dtype=np.float32),
+                     np.array([p.top_k for p in params], dtype=np.int64),
+                     np.array([p.top_p for p in params], dtype=np.float32), seeds,
+                     any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params))
+        if any(p.min_p > 0 for p in params):
+            inputs.min_p = np.array([p.min_p for p in params], dtype=np.float32)
+        # the token sampled now is the num_completion_tokens-th: min_tokens bans the ends until it is past
+        banned = [sorted(eos_token_ids | set(p.stop_token_ids)) if seq.num_completion_tokens <= p.min_tokens else []
+                  for seq, p in zip(seqs, params)]
+        if any(banned):
+            inputs.banned = _padded(banned)
+        if any(p.penalized for p in params):
+            inputs.history = _padded([seq.token_ids[:-1] for seq in seqs])  # the last is this step's placeholder
+            inputs.num_prompt = np.array([seq.num_prompt_tokens for seq in seqs], dtype=np.int64)
+            inputs.penalties = np.array([[p.repetition_penalty, p.presence_penalty, p.frequency_penalty]
+                                         for p in params], dtype=np.float32)
+        return inputs
+
+
+def _padded(rows: list[list[int]]) -> np.ndarray:
+    table = np.full((len(rows), max(1, max(map(len, rows)))), SamplingInputs.PAD, dtype=np.int64)
+    for i, row in enumerate(rows):
+        table[i, :len(row)] = row
+    return table
 
 
 class SampledTokens:
@@ -343,10 +371,31 @@ class ModelRunner:
 
     def _input_ids(self, inputs: "StepInputs") -> torch.Tensor:
         """Token ids on the device; a placeholder -(i + 1) is the i-th token sampled by the previous step."""
-        ids = self._to_device("input_ids", inputs.input_ids)
-        if inputs.input_ids.min() < 0:
+        return self._token_ids("input_ids", inputs.input_ids)
+
+    def _token_ids(self, name: str, array: np.ndarray, pad: int | None = None) -> torch.Tensor:
+        """``array`` on the device with its placeholders resolved and SamplingInputs.PAD made ``pad``."""
+        ids = self._to_device(name, array)
+        if pad is not None:
+            ids = ids.masked_fill(ids == SamplingInputs.PAD, pad)
+        if ((array < 0) & (array != SamplingInputs.PAD)).any():
             ids = torch.where(ids < 0, self.prev_sampled[(-ids - 1).clamp(min=0)], ids)
         return ids
+
+    def _adjustments(self, sampling: SamplingInputs, vocab: int) -> LogitsAdjustments | None:
+        if sampling.min_p is None and sampling.banned is None and sampling.penalties is None:
+            return None
+        adjust = LogitsAdjustments()
+        if sampling.min_p is not None:
+            adjust.min_p = self._to_device("min_p", sampling.min_p)
+        if sampling.banned is not None:
+            adjust.banned = self._to_device("banned", np.where(sampling.banned == SamplingInputs.PAD, vocab,
+                                                               sampling.banned))
+        if sampling.penalties is not None:
+            adjust.history = self._token_ids("history", sampling.history, vocab)
+            adjust.num_prompt = self._to_device("num_prompt", sampling.num_prompt)
+            adjust.penalties = self._to_device("penalties", sampling.penalties)
+        return adjust
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> SampledTokens | None:
@@ -364,7 +413,8 @@ class ModelRunner:
             generators = [None] * len(sampling.temperatures)
             for row, seed, num_generated in sampling.seeds:
                 generators[row] = torch.Generator(self.device).manual_seed(stream_seed(seed, num_generated))
-            self.prev_sampled = self.sampler(logits, temperatures, top_k, top_p, generators, sampling.filter_top)
+            self.prev_sampled = self.sampler(logits, temperatures, top_k, top_p, generators, sampling.filter_top,
+                                             self._adjustments(sampling, vocab))
         else:
             self.prev_sampled = torch.empty(len(sampling.temperatures), dtype=torch.int64, device=self.device)
         if self.world_size > 1:
@@ -388,7 +438,8 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
 
-def prepare_step(batch: ScheduledBatch, block_size: int, retention_window: int) -> StepInputs:
+def prepare_step(batch: ScheduledBatch, block_size: int, retention_window: int,
+                 eos_token_ids: frozenset[int] = frozenset()) -> StepInputs:
     """Flatten the scheduled token runs of a batch into the arrays of one forward pass, and its sampling."""
     num_seqs = len(batch)
     starts = np.array(batch.starts, dtype=np.int64)
@@ -422,4 +473,4 @@ def prepare_step(batch: ScheduledBatch, block_size: int, retention_window: int) 
         compactions.append((end - window, end, prompt_blocks, num_prompt, c.num_kept, c.block_table))
     return StepInputs(input_ids, positions, cu_q, cu_k, slot_mapping, block_tables, logits_indices,
                       tuple(compactions), SamplingInputs.of([s for s, samples in zip(batch.seqs, batch.sampling)
-                                                             if samples]))
+                                                             if samples], eos_token_ids))
