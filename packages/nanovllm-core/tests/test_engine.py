@@ -347,3 +347,23 @@ def test_presence_and_frequency_penalties_push_repeats_away(llm):
     pushed = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
                                                    frequency_penalty=2.0, presence_penalty=2.0), use_tqdm=False)
     assert len(set(pushed[0]["token_ids"])) > len(set(plain[0]["token_ids"]))
+
+
+def test_stop_strings_across_token_boundaries(llm):
+    greedy = dict(temperature=0, max_tokens=16, ignore_eos=True)
+    plain = llm.generate(["The quick"], SamplingParams(**greedy), use_tqdm=False)[0]
+    pieces = [llm.tokenizer.decode(plain["token_ids"][:i]) for i in range(1, 17)]
+    # the first boundary between two tokens of some text each: a stop string from the last character of one
+    # token to the first of the next
+    k = next(i for i in range(1, 12) if pieces[i - 1] and len(pieces[i]) > len(pieces[i - 1]))
+    stop = pieces[k - 1][-1] + pieces[k][len(pieces[k - 1])]
+    cut = pieces[k].find(stop)
+    for include in (False, True):
+        out = llm.generate(["The quick"], SamplingParams(**greedy, stop=["never there", stop],
+                                                         include_stop_str_in_output=include), use_tqdm=False)[0]
+        assert out["finish_reason"] == "stop"
+        assert out["text"] == pieces[k][:cut + (len(stop) if include else 0)]
+        assert out["token_ids"] == plain["token_ids"][:k + 1]
+    assert_all_blocks_released(llm)
+    with pytest.raises(ValueError, match="must be non-empty strings"):
+        SamplingParams(stop=["ok", ""])

@@ -32,6 +32,8 @@ class SamplingParams:
     max_tokens: int = 16
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()  # strings that end the output (cut before them, unless include_stop_str_in_output)
+    include_stop_str_in_output: bool = False
     seed: int | None = None
     min_tokens: int = 0  # tokens before eos or a stop token may end the output
     min_p: float = 0.0  # drop tokens less probable than min_p times the most probable one
@@ -63,6 +65,11 @@ class SamplingParams:
         self.stop_token_ids = tuple(checked_number("stop_token_ids", t, integer=True) for t in self.stop_token_ids)
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids={list(self.stop_token_ids)} holds a negative id; token ids start at 0")
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if not all(isinstance(text, str) and text for text in self.stop):
+            raise ValueError(f"stop={list(self.stop)!r} must be non-empty strings")
+        if not isinstance(self.include_stop_str_in_output, bool):
+            raise TypeError(f"include_stop_str_in_output={self.include_stop_str_in_output!r} is not True or False")
         if self.seed is not None:
             self.seed = checked_seed("seed", self.seed)
         self.min_tokens = checked_number("min_tokens", self.min_tokens, integer=True)

@@ -169,7 +169,18 @@ class LLMEngine:
         if self._in_flight is None:
             return []
         (batch, sampled), self._in_flight = self._in_flight, None
-        return self.scheduler.update(batch, sampled.tolist())
+        return self.scheduler.update(batch, sampled.tolist(), self._stop_string_hit)
+
+    def _stop_string_hit(self, seq: Sequence, end: int) -> bool:
+        """Whether the output up to token ``end`` holds a stop string; if so its text, cut there, is kept."""
+        params = seq.sampling_params
+        text = self.tokenizer.decode(seq.token_ids[seq.num_prompt_tokens:end], skip_special_tokens=True)
+        hits = [(text.find(stop), stop) for stop in params.stop if stop in text]
+        if not hits:
+            return False
+        position, stop = min(hits)
+        seq.stop_text = text[:position + len(stop) if params.include_stop_str_in_output else position]
+        return True
 
     def is_finished(self) -> bool:
         return self.scheduler.is_finished() and self._in_flight is None
@@ -218,6 +229,7 @@ class LLMEngine:
             if not self.is_finished():  # an error mid-way: leave no request or block behind
                 self._in_flight = None
                 self.scheduler.abort_all()
-        return [{"text": self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True),
+        return [{"text": seq.stop_text if seq.stop_text is not None else
+                 self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True),
                  "token_ids": seq.completion_token_ids, "finish_reason": seq.finish_reason,
                  "num_cached_tokens": seq.num_cached_tokens} for seq in seqs]

@@ -1,6 +1,7 @@
 """Continuous batching under a token budget, with chunked prefill, preemption by recompute and KV retention."""
 import logging
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from nanovllm.config import Config
@@ -205,9 +206,11 @@ class Scheduler:
         for compaction in batch.compactions:
             self.block_manager.compact(batch.seqs[compaction.index], compaction.block_table, compaction.num_kept)
 
-    def update(self, batch: ScheduledBatch, sampled_token_ids: list[int]) -> list[Sequence]:
+    def update(self, batch: ScheduledBatch, sampled_token_ids: list[int],
+               stop_string_hit: Callable[[Sequence, int], bool] = lambda seq, end: False) -> list[Sequence]:
         """Put a step's sampled tokens (one per sampling sequence) in place of their placeholders; finish the
-        sequences that stop or reached their length; returns them."""
+        sequences that stop or reached their length; returns them. ``stop_string_hit(seq, end)`` says whether the
+        output's first ``end - num_prompt_tokens`` tokens complete one of its stop strings."""
         finished = []
         sampling = (i for i, samples in enumerate(batch.sampling) if samples)
         for i, token_id in zip(sampling, sampled_token_ids):
@@ -216,7 +219,8 @@ class Scheduler:
                 continue
             seq.token_ids[index] = token_id
             params = seq.sampling_params
-            if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+            if (token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids)
+                    or (params.stop and stop_string_hit(seq, index + 1))):
                 seq.finish_reason = "stop"
                 del seq.token_ids[index + 1:]  # a token the next step computed past the stop
             if seq.finish_reason and index == len(seq) - 1:

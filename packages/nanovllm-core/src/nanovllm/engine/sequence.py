@@ -28,6 +28,7 @@ class Sequence:
         self.block_table: list[int] = []  # KV blocks by slot: slot s is block_table[s // block_size]
         self.block_hashes: list[int] = []  # hash chain of the leading full blocks already in the cache
         self.finish_reason: str | None = None
+        self.stop_text: str | None = None  # the output text when a stop string ended it
 
     def __len__(self):
         return len(self.token_ids)
