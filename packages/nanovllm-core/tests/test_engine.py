@@ -367,3 +367,17 @@ def test_stop_strings_across_token_boundaries(llm):
     assert_all_blocks_released(llm)
     with pytest.raises(ValueError, match="must be non-empty strings"):
         SamplingParams(stop=["ok", ""])
+
+
+def test_n_samples_share_the_prompt_blocks(llm):
+    prompt = list(range(30, 50))  # 20 tokens: two full blocks of 8
+    params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=6, ignore_eos=True)
+    first, again = (llm.generate([prompt, [7, 8]], [params, SamplingParams(max_tokens=2)], use_tqdm=False)
+                    for _ in range(2))
+    assert "outputs" not in first[1]  # n = 1: the shape as before
+    samples = first[0]["outputs"]
+    assert len(samples) == 3 and {k: first[0][k] for k in samples[0]} == samples[0]
+    assert len({tuple(s["token_ids"]) for s in samples}) > 1  # each sample draws its own
+    assert [s["token_ids"] for s in again[0]["outputs"]] == [s["token_ids"] for s in samples]  # seeded: the same
+    assert [s["num_cached_tokens"] >= 16 for s in samples[1:]] == [True, True]
+    assert_all_blocks_released(llm)

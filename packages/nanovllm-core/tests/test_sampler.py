@@ -251,7 +251,8 @@ def test_penalties_match_transformers_and_the_openai_formula():
     torch.testing.assert_close(got, expected)
     got = apply_penalties(logits, history, torch.tensor([len(prompt)]), torch.tensor([[1.0, 0.5, 0.25]]))
     counts = torch.bincount(torch.tensor(output), minlength=vocab).float()
-    torch.testing.assert_close(got[0], logits[0] - 0.25 * counts - 0.5 * (counts > 0).float())  # prompt-only 3, 9 untouched
+    # the prompt-only tokens 3 and 9 untouched
+    torch.testing.assert_close(got[0], logits[0] - 0.25 * counts - 0.5 * (counts > 0).float())
 
 
 def test_min_p_matches_transformers():

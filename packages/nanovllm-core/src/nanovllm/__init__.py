@@ -1,6 +1,7 @@
 """nanovllm: a small, fast offline LLM inference engine with a vLLM-style API.
 
-Users need ``LLM``, ``SamplingParams`` and ``EngineDeadError`` (a tensor-parallel rank failed); plugin authors also get here what plugins build on: the hook
+Users need ``LLM``, ``SamplingParams`` and ``EngineDeadError`` (a tensor-parallel rank failed); plugin
+authors also get here what plugins build on: the hook
 marker, the interfaces of attention backends, expert managers and KV-retention policies, the per-step
 ``Context`` attention reads, and the shared Triton ``kernels``.
 """
@@ -32,6 +33,7 @@ if os.environ.get("NANOVLLM_CONFIGURE_LOGGING", "1") != "0":
         _logger.addHandler(_handler)
     _logger.propagate = False
 
-__all__ = ["LLM", "LLMEngine", "SamplingParams", "EngineDeadError", "Config", "hookimpl", "AttentionBackend", "ExpertManager",
+__all__ = ["LLM", "LLMEngine", "SamplingParams", "EngineDeadError", "Config", "hookimpl", "AttentionBackend",
+           "ExpertManager",
            "KVRetentionPolicy", "Context", "get_context", "kernels", "Platform", "detect_platform",
            "print_attention_backend_info"]

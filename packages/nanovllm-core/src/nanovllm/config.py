@@ -155,7 +155,8 @@ class Config:
         model_max = self.hf_config.max_position_embeddings
         self.max_model_len_is_default = self.max_model_len is None
         if self.max_model_len_is_default:  # chunked prefill off: a prompt must fit one step
-            self.max_model_len = model_max if self.enable_chunked_prefill else min(model_max, self.max_num_batched_tokens)
+            self.max_model_len = (model_max if self.enable_chunked_prefill
+                                  else min(model_max, self.max_num_batched_tokens))
         self.max_model_len = min(self.max_model_len, model_max)
         if self.seed is not None:
             self.seed = checked_seed("seed", self.seed)

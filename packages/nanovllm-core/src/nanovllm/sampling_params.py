@@ -26,6 +26,7 @@ def checked_seed(name: str, value) -> int:
 class SamplingParams:
     """How to pick the tokens of one request. temperature 0 means greedy, as in vLLM."""
 
+    n: int = 1  # samples of the prompt
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
@@ -50,6 +51,9 @@ class SamplingParams:
         self.top_k = checked_number("top_k", self.top_k, integer=True)
         self.top_p = checked_number("top_p", self.top_p)
         self.max_tokens = checked_number("max_tokens", self.max_tokens, integer=True)
+        self.n = checked_number("n", self.n, integer=True)
+        if self.n < 1:
+            raise ValueError(f"n={self.n} is below 1; ask for at least one sample")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature} is negative; use 0 for greedy or a positive value to sample")
         if not (self.top_k == -1 or self.top_k >= 1):

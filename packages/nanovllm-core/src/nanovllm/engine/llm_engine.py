@@ -208,7 +208,13 @@ class LLMEngine:
         # all checked before any is queued
         token_ids = [self._validated_token_ids(p) for p in prompts]
         sampling_params = [self._validated_params(p) for p in sampling_params]
-        seqs = [Sequence(ids, sp, self.config.kvcache_block_size) for ids, sp in zip(token_ids, sampling_params)]
+        # n samples of a prompt are n sequences; the prefix cache shares the prompt's full KV blocks among them
+        samples = [[Sequence(ids, sp, self.config.kvcache_block_size, index) for index in range(sp.n)]
+                   for ids, sp in zip(token_ids, sampling_params)]
+        for group in samples:
+            for seq in group[1:]:
+                seq.first_sample = group[0]
+        seqs = [seq for group in samples for seq in group]
         for seq in seqs:
             self.scheduler.add(seq)
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
@@ -229,7 +235,12 @@ class LLMEngine:
             if not self.is_finished():  # an error mid-way: leave no request or block behind
                 self._in_flight = None
                 self.scheduler.abort_all()
-        return [{"text": seq.stop_text if seq.stop_text is not None else
-                 self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True),
-                 "token_ids": seq.completion_token_ids, "finish_reason": seq.finish_reason,
-                 "num_cached_tokens": seq.num_cached_tokens} for seq in seqs]
+        return [self._output(group) for group in samples]
+
+    def _output(self, samples: list[Sequence]) -> dict:
+        """A prompt's output: its first sample's fields; with n > 1 also "outputs", every sample's."""
+        outputs = [{"text": seq.stop_text if seq.stop_text is not None else
+                    self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True),
+                    "token_ids": seq.completion_token_ids, "finish_reason": seq.finish_reason,
+                    "num_cached_tokens": seq.num_cached_tokens} for seq in samples]
+        return outputs[0] if len(outputs) == 1 else {**outputs[0], "outputs": outputs}

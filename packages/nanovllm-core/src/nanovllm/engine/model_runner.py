@@ -51,10 +51,10 @@ class StepInputs:
         return len(self.input_ids) == len(self.cu_seqlens_q) - 1
 
 
-def stream_seed(seed: int, num_generated: int) -> int:
+def stream_seed(seed: int, sample_index: int, num_generated: int) -> int:
     """The seed of a seeded request's draw for its next token: the same whatever else is in the batch, and after
-    a preemption."""
-    return xxhash.xxh64_intdigest(f"{seed}:{num_generated}".encode())
+    a preemption; each of its n samples draws its own."""
+    return xxhash.xxh64_intdigest(f"{seed}:{sample_index}:{num_generated}".encode())
 
 
 @dataclass
@@ -65,7 +65,7 @@ class SamplingInputs:
     temperatures: np.ndarray
     top_k: np.ndarray  # 0: the whole vocabulary
     top_p: np.ndarray
-    seeds: tuple[tuple[int, int, int], ...]  # (row, seed, tokens generated so far) of each seeded row
+    seeds: tuple[tuple[int, int, int, int], ...]  # (row, seed, sample index, tokens generated) of each seeded row
     filter_top: bool
     min_p: np.ndarray | None = None
     banned: np.ndarray | None = None  # [rows, k]: eos and stop ids of rows short of min_tokens, PAD after
@@ -80,8 +80,8 @@ class SamplingInputs:
         if not seqs:
             return None
         params = [seq.sampling_params for seq in seqs]
-        seeds = tuple((row, p.seed, seq.num_completion_tokens) for row, (seq, p) in enumerate(zip(seqs, params))
-                      if p.seed is not None and p.temperature > 0)
+        seeds = tuple((row, p.seed, seq.sample_index, seq.num_completion_tokens)
+                      for row, (seq, p) in enumerate(zip(seqs, params)) if p.seed is not None and p.temperature > 0)
         inputs = cls(np.array([p.temperature for p in params], dtype=np.float32),
                      np.array([p.top_k for p in params], dtype=np.int64),
                      np.array([p.top_p for p in params], dtype=np.float32), seeds,
@@ -411,8 +411,9 @@ class ModelRunner:
             top_k = self._to_device("top_k", np.where(sampling.top_k > 0, sampling.top_k, vocab))
             top_p = self._to_device("top_p", sampling.top_p)
             generators = [None] * len(sampling.temperatures)
-            for row, seed, num_generated in sampling.seeds:
-                generators[row] = torch.Generator(self.device).manual_seed(stream_seed(seed, num_generated))
+            for row, seed, sample_index, num_generated in sampling.seeds:
+                generators[row] = torch.Generator(self.device).manual_seed(stream_seed(seed, sample_index,
+                                                                                       num_generated))
             self.prev_sampled = self.sampler(logits, temperatures, top_k, top_p, generators, sampling.filter_top,
                                              self._adjustments(sampling, vocab))
         else:

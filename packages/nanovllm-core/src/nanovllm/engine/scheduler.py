@@ -118,6 +118,11 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.token_ids[-1] < 0:
                 break  # preempted with a token still in flight: recompute once it is known
+            first = seq.first_sample
+            if (first is not None and first.status != SequenceStatus.FINISHED
+                    and self.block_manager.enable_prefix_caching
+                    and len(first.block_hashes) < self._cacheable_tokens(seq) // self.block_manager.block_size):
+                break  # the prompt's other samples start from its first one's blocks, once they are cached
             cached_ids, cached_hashes = self.block_manager.find_cached_blocks(seq, self._cacheable_tokens(seq))
             num_computed = len(cached_ids) * self.block_manager.block_size
             num_tokens, num_kept = self._chunk(seq, num_computed, budget)

@@ -15,8 +15,10 @@ class Sequence:
 
     _ids = count()
 
-    def __init__(self, token_ids: list[int], sampling_params: SamplingParams, block_size: int):
+    def __init__(self, token_ids: list[int], sampling_params: SamplingParams, block_size: int, sample_index: int = 0):
         self.seq_id = next(Sequence._ids)
+        self.sample_index = sample_index  # which of its prompt's n samples
+        self.first_sample: Sequence | None = None  # sample 0 of the prompt, for the others: they wait for its KV
         self.status = SequenceStatus.WAITING
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)
