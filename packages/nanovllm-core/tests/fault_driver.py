@@ -19,6 +19,7 @@ import fault_plugin
 import torch
 
 from nanovllm import LLM, EngineDeadError, SamplingParams, plugins
+from nanovllm.testing import process_alive
 
 # on a GPU too (flash-attn needs blocks of 256), where the faulty backend is the torch one, asked for by name
 OPTIONS = dict(kvcache_block_size=256 if torch.cuda.is_available() else 8, max_model_len=128, max_num_seqs=8,
@@ -31,15 +32,6 @@ def tokens(llm) -> list[list[int]]:
     return [o["token_ids"] for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
 
 
-def alive(pid: int) -> bool:
-    """A process that exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -47,7 +39,7 @@ def open_fds() -> int:
 def after_failure(result: dict, path: str, reference, pids):
     """What a fault must leave: no rank process, and a process that builds working engines again."""
     result["children"] = [p.pid for p in multiprocessing.active_children()]
-    result["ranks_alive"] = [pid for pid in pids if alive(pid)]
+    result["ranks_alive"] = [pid for pid in pids if process_alive(pid)]
     os.environ.pop("NANOVLLM_TEST_FAULT", None)
     with LLM(path, **OPTIONS) as llm:
         result["tp1_matches"] = tokens(llm) == reference
@@ -91,7 +83,7 @@ def main():
         result["blocks_leaked"] = sum(b.ref_count for b in llm.scheduler.block_manager.blocks)
         pids = [p.pid for p in llm.model_runner.processes]
         llm.exit()
-        result["ranks_alive"] = [pid for pid in pids if alive(pid)]
+        result["ranks_alive"] = [pid for pid in pids if process_alive(pid)]
     elif mode == "uncaught":
         os.environ["NANOVLLM_TEST_FAULT"] = "0:6:sigint-main"
         llm = LLM(path, tensor_parallel_size=2, attention_backend="faulty", **OPTIONS)

@@ -13,6 +13,8 @@ import time
 import pytest
 from safetensors.torch import load_file, save_file
 
+from nanovllm.testing import process_alive
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 # a healthy rank beats every 0.5 s and a tiny step takes milliseconds: these keep the tests short
 FAST_WATCHDOG = dict(NANOVLLM_HEARTBEAT_TIMEOUT="4", NANOVLLM_STEP_TIMEOUT="10")
@@ -68,15 +70,6 @@ def test_ctrl_c_leaves_the_engine_usable(tiny_checkpoint, target):
     assert result == dict(interrupted=True, same_engine_matches=True, blocks_leaked=0, ranks_alive=[])
 
 
-def alive(pid: int) -> bool:
-    """A process that exists and is not a zombie (the ranks' parent is gone: nobody may reap them)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def test_uncaught_ctrl_c_ends_the_process_and_its_ranks(tiny_checkpoint):
     start = time.monotonic()
     rc, stdout, stderr = finish(start_driver(tiny_checkpoint("qwen3"), "uncaught"), timeout=120)
@@ -84,9 +77,9 @@ def test_uncaught_ctrl_c_ends_the_process_and_its_ranks(tiny_checkpoint):
     assert time.monotonic() - start < 120
     pids = json.loads(stdout.splitlines()[0])["pids"]
     deadline = time.monotonic() + 10
-    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+    while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not any(alive(pid) for pid in pids)
+    assert not any(process_alive(pid) for pid in pids)
 
 
 def test_failure_while_building_names_the_rank_and_the_cause(tiny_checkpoint, tmp_path):

@@ -31,6 +31,15 @@ _CORPUS = ("The quick brown fox jumps over the lazy dog. A paged KV cache stores
            "Hello, world! 0123456789 user assistant system")
 
 
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (a zombie whose parent is gone may never be reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def make_tokenizer(vocab_size: int = 400):
     """A byte-level BPE tokenizer (any text encodes) with a chat template, trained on a tiny corpus to at most 400
     tokens; past those, made-up words fill the vocabulary to ``vocab_size``, so every id a model of that vocabulary
