@@ -381,3 +381,27 @@ def test_n_samples_share_the_prompt_blocks(llm):
     assert [s["token_ids"] for s in again[0]["outputs"]] == [s["token_ids"] for s in samples]  # seeded: the same
     assert [s["num_cached_tokens"] >= 16 for s in samples[1:]] == [True, True]
     assert_all_blocks_released(llm)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_logprobs_are_the_models_log_softmax(tiny_checkpoint, tp):
+    from transformers import AutoModelForCausalLM
+    path = tiny_checkpoint("qwen3")
+    hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    prompts = [[5, 6, 7, 8], [40, 41, 42]]
+    with LLM(path, tensor_parallel_size=tp, **OPTIONS) as engine:
+        outputs = engine.generate(prompts, [SamplingParams(temperature=0, max_tokens=5, ignore_eos=True, logprobs=3),
+                                            SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)],
+                                  use_tqdm=False)
+    assert "logprobs" not in outputs[1]
+    tokens, logprobs = outputs[0]["token_ids"], outputs[0]["logprobs"]
+    assert len(logprobs) == len(tokens) == 5
+    with torch.no_grad():
+        reference = torch.log_softmax(hf(torch.tensor([prompts[0] + tokens])).logits[0, 3:-1], dim=-1)
+    for step, (token, entry) in enumerate(zip(tokens, logprobs)):
+        top = reference[step].topk(3)
+        assert set(entry) == set(top.indices.tolist()) | {token}  # greedy: the sampled token is the top one
+        for token_id, value in entry.items():
+            assert abs(value - reference[step, token_id].item()) < 1e-4
+    with pytest.raises(ValueError, match="logprobs=21 is outside"):
+        SamplingParams(logprobs=21)

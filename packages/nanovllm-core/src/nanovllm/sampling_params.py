@@ -2,7 +2,8 @@ import math
 import numbers
 from dataclasses import dataclass
 
-MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes
+MAX_SEED = 2**64 - 1
+MAX_LOGPROBS = 20  # as vLLM's default max_logprobs  # what torch.Generator.manual_seed takes
 
 
 def checked_number(name: str, value, integer: bool = False) -> float | int:
@@ -41,6 +42,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 1 discourages tokens of the prompt and output: logit / p if > 0, else * p
     presence_penalty: float = 0.0  # subtracted from the logit of each token already in the output
     frequency_penalty: float = 0.0  # subtracted once per occurrence in the output
+    logprobs: int | None = None  # per output token, the log-probabilities of it and of the top this many
 
     @property
     def penalized(self) -> bool:
@@ -79,6 +81,10 @@ class SamplingParams:
         self.min_tokens = checked_number("min_tokens", self.min_tokens, integer=True)
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens={self.min_tokens} is outside [0, max_tokens={self.max_tokens}]")
+        if self.logprobs is not None:
+            self.logprobs = checked_number("logprobs", self.logprobs, integer=True)
+            if not 0 <= self.logprobs <= MAX_LOGPROBS:
+                raise ValueError(f"logprobs={self.logprobs} is outside [0, {MAX_LOGPROBS}]")
         self.min_p = checked_number("min_p", self.min_p)
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p={self.min_p} is outside [0, 1]; use 0 to keep all tokens")

@@ -169,7 +169,7 @@ class LLMEngine:
         if self._in_flight is None:
             return []
         (batch, sampled), self._in_flight = self._in_flight, None
-        return self.scheduler.update(batch, sampled.tolist(), self._stop_string_hit)
+        return self.scheduler.update(batch, sampled.tolist(), self._stop_string_hit, sampled.logprobs())
 
     def _stop_string_hit(self, seq: Sequence, end: int) -> bool:
         """Whether the output up to token ``end`` holds a stop string; if so its text, cut there, is kept."""
@@ -242,5 +242,7 @@ class LLMEngine:
         outputs = [{"text": seq.stop_text if seq.stop_text is not None else
                     self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True),
                     "token_ids": seq.completion_token_ids, "finish_reason": seq.finish_reason,
-                    "num_cached_tokens": seq.num_cached_tokens} for seq in samples]
+                    "num_cached_tokens": seq.num_cached_tokens}
+                   | ({"logprobs": seq.logprobs} if seq.sampling_params.logprobs is not None else {})
+                   for seq in samples]
         return outputs[0] if len(outputs) == 1 else {**outputs[0], "outputs": outputs}

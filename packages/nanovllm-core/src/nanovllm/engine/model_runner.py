@@ -72,6 +72,7 @@ class SamplingInputs:
     history: np.ndarray | None = None  # [rows, L]: prompt and output ids before this step's, PAD after
     num_prompt: np.ndarray | None = None
     penalties: np.ndarray | None = None  # [rows, 3]: repetition, presence, frequency
+    num_logprobs: int | None = None  # top log-probabilities to return, the most any row asks for
 
     PAD = -2**62  # placeholders of tokens in flight are -1, -2, ...
 
@@ -86,6 +87,9 @@ class SamplingInputs:
                      np.array([p.top_k for p in params], dtype=np.int64),
                      np.array([p.top_p for p in params], dtype=np.float32), seeds,
                      any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in params))
+        asked = [p.logprobs for p in params if p.logprobs is not None]
+        if asked:
+            inputs.num_logprobs = max(asked)
         if any(p.min_p > 0 for p in params):
             inputs.min_p = np.array([p.min_p for p in params], dtype=np.float32)
         # the token sampled now is the num_completion_tokens-th: min_tokens bans the ends until it is past
@@ -101,6 +105,15 @@ class SamplingInputs:
         return inputs
 
 
+def _logprobs(logits: torch.Tensor, sampled: torch.Tensor, k: int) -> torch.Tensor:
+    """The model's log-probabilities (before penalties and temperature, as vLLM's default) of each row's sampled
+    token and of its top ``k``, packed as [sampled id, its log-prob, k ids, k log-probs] in float64 (ids exact)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top = logprobs.topk(k, dim=-1)
+    return torch.cat([sampled[:, None].double(), logprobs.gather(1, sampled[:, None]).double(), top.indices.double(),
+                      top.values.double()], dim=1)
+
+
 def _padded(rows: list[list[int]]) -> np.ndarray:
     table = np.full((len(rows), max(1, max(map(len, rows)))), SamplingInputs.PAD, dtype=np.int64)
     for i, row in enumerate(rows):
@@ -114,12 +127,16 @@ class SampledTokens:
     Reading them waits for this step only, not for a next step queued behind it on the GPU.
     """
 
-    def __init__(self, device_ids: torch.Tensor, host_ids: torch.Tensor | None = None):
+    def __init__(self, device_ids: torch.Tensor, host_ids: torch.Tensor | None = None,
+                 device_logprobs: torch.Tensor | None = None, host_logprobs: torch.Tensor | None = None):
         self.device_ids = device_ids
+        self.device_logprobs = device_logprobs  # [rows, 2 + 2k]: sampled id, its log-prob, top k ids, their log-probs
         self.ready = None
         if device_ids.is_cuda:
             self.host_ids = host_ids  # pinned, as many elements as device_ids
             self.host_ids.copy_(device_ids, non_blocking=True)
+            if device_logprobs is not None:
+                self.host_logprobs = host_logprobs.copy_(device_logprobs, non_blocking=True)
             self.ready = torch.cuda.Event()
             self.ready.record()
 
@@ -128,6 +145,16 @@ class SampledTokens:
             return self.device_ids.tolist()
         self.ready.synchronize()
         return self.host_ids.tolist()
+
+    def logprobs(self) -> list[tuple[int, float, list[tuple[int, float]]]] | None:
+        """Per row: the sampled token, its log-probability, and the top tokens with theirs (None: not asked)."""
+        if self.device_logprobs is None:
+            return None
+        if self.ready is not None:
+            self.ready.synchronize()
+        rows = (self.device_logprobs if self.ready is None else self.host_logprobs).tolist()
+        k = (len(rows[0]) - 2) // 2 if rows else 0
+        return [(int(row[0]), row[1], [(int(i), lp) for i, lp in zip(row[2:2 + k], row[2 + k:])]) for row in rows]
 
 
 class ModelRunner:
@@ -423,8 +450,12 @@ class ModelRunner:
         if self.rank:
             return None
         cuda = self.device.type == "cuda"
+        logprobs = None if sampling.num_logprobs is None else _logprobs(logits, self.prev_sampled,
+                                                                        sampling.num_logprobs)
         return SampledTokens(self.prev_sampled, self._pinned("sampled", self.prev_sampled.numel(), torch.int64)
-                             if cuda else None)
+                             if cuda else None, logprobs,
+                             self._pinned("logprobs", logprobs.numel(), torch.float64).view(logprobs.shape)
+                             if cuda and logprobs is not None else None)
 
     def exit(self):
         """Release the model, the KV cache and the graphs, so another engine can use the device."""

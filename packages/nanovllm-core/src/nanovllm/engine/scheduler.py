@@ -212,18 +212,22 @@ class Scheduler:
             self.block_manager.compact(batch.seqs[compaction.index], compaction.block_table, compaction.num_kept)
 
     def update(self, batch: ScheduledBatch, sampled_token_ids: list[int],
-               stop_string_hit: Callable[[Sequence, int], bool] = lambda seq, end: False) -> list[Sequence]:
+               stop_string_hit: Callable[[Sequence, int], bool] = lambda seq, end: False,
+               logprobs: list | None = None) -> list[Sequence]:
         """Put a step's sampled tokens (one per sampling sequence) in place of their placeholders; finish the
         sequences that stop or reached their length; returns them. ``stop_string_hit(seq, end)`` says whether the
         output's first ``end - num_prompt_tokens`` tokens complete one of its stop strings."""
         finished = []
         sampling = (i for i, samples in enumerate(batch.sampling) if samples)
-        for i, token_id in zip(sampling, sampled_token_ids):
+        for row, (i, token_id) in enumerate(zip(sampling, sampled_token_ids)):
             seq, index = batch.seqs[i], batch.starts[i] + batch.num_tokens[i]
             if seq.status == SequenceStatus.FINISHED:
                 continue
             seq.token_ids[index] = token_id
             params = seq.sampling_params
+            if params.logprobs is not None:  # the sampled token's and the top ones', as vLLM gives them
+                sampled, logprob, top = logprobs[row]
+                seq.logprobs.append(dict(top[:params.logprobs]) | {sampled: logprob})
             if (token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids)
                     or (params.stop and stop_string_hit(seq, index + 1))):
                 seq.finish_reason = "stop"

@@ -31,6 +31,7 @@ class Sequence:
         self.block_hashes: list[int] = []  # hash chain of the leading full blocks already in the cache
         self.finish_reason: str | None = None
         self.stop_text: str | None = None  # the output text when a stop string ended it
+        self.logprobs: list[dict[int, float]] = []  # per output token, when SamplingParams.logprobs asks
 
     def __len__(self):
         return len(self.token_ids)

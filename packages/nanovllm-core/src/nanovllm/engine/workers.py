@@ -100,7 +100,7 @@ def _send_replies(conn, replies: queue.Queue, unread_steps: threading.Semaphore)
         kind, payload = reply
         if kind == "sampled":
             try:
-                payload = payload.tolist()
+                payload = payload.tolist(), payload.logprobs()
             except BaseException as exc:
                 kind, payload = "error", _describe(exc)
             unread_steps.release()
@@ -171,7 +171,8 @@ class Workers:
     def _read_step(self):
         """Rank 0's tokens for the oldest unread step (a step Ctrl-C abandoned gets them too, unread)."""
         self._wait(lambda: self.replies[0], "the step", self.step_timeout)
-        self.steps.popleft().token_ids = self.replies[0].popleft()
+        step = self.steps.popleft()
+        step.token_ids, step.token_logprobs = self.replies[0].popleft()
 
     def _wait(self, done, what: str, timeout: float | None):
         """Receive replies until ``done()``, watching every rank for an error, its death, its silence, and the
@@ -261,8 +262,13 @@ class RemoteSampledTokens:
     def __init__(self, workers: Workers):
         self.workers = workers
         self.token_ids: list[int] | None = None
+        self.token_logprobs = None
 
     def tolist(self) -> list[int]:
         while self.token_ids is None:
             self.workers._read_step()
         return self.token_ids
+
+    def logprobs(self):
+        self.tolist()
+        return self.token_logprobs
