@@ -2,6 +2,7 @@
 over tensor parallelism (gloo), printing a JSON line of what happened.
 
     python fault_driver.py PATH fault KIND RANKS CALL   a rank raises, is killed, aborts, stops or hangs mid-generate
+    python fault_driver.py PATH killed-idle             a rank killed between two generate calls
     python fault_driver.py PATH interrupt main|group    Ctrl-C reaches the engine's process, or its whole group
     python fault_driver.py PATH uncaught                Ctrl-C that nobody catches: the process must end
     python fault_driver.py PATH build-fail              a checkpoint that fails to load on every rank
@@ -11,6 +12,7 @@ import gc
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 import weakref
@@ -70,6 +72,19 @@ def main():
             tokens(llm)
         except EngineDeadError as exc:
             result["next_call"] = str(exc)
+        after_failure(result, path, reference, pids)
+    elif mode == "killed-idle":  # a rank killed between two generate calls
+        llm = LLM(path, tensor_parallel_size=2, **OPTIONS)
+        tokens(llm)
+        pids = [p.pid for p in llm.model_runner.processes]
+        os.kill(pids[1], signal.SIGKILL)
+        time.sleep(0.5)
+        try:
+            tokens(llm)
+            result["error"] = None
+        except EngineDeadError as exc:
+            result["error"] = str(exc)
+        llm.exit()
         after_failure(result, path, reference, pids)
     elif mode == "interrupt":  # rank 0 sends the signal at its 6th attention call (the 3rd step), then goes on
         os.environ["NANOVLLM_TEST_FAULT"] = f"0:6:sigint-{args[0]}"

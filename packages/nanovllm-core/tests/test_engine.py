@@ -303,6 +303,12 @@ def test_a_hub_id_resolves_from_the_cache_offline(tiny_checkpoint, tmp_path, mon
     with pytest.raises(FileNotFoundError, match="'acme/absent' is not a local folder nor in the Hugging Face cache "
                                                 ".*HF_HUB_OFFLINE is set"):
         LLM("acme/absent")
+    partial = tmp_path / "partial"  # what loading a config alone leaves: no weights, so not the model
+    os.makedirs(partial)
+    shutil.copy(os.path.join(path, "config.json"), partial / "config.json")
+    fill_hub_cache(tmp_path / "default-cache", "acme/config-only", str(partial))
+    with pytest.raises(FileNotFoundError, match="'acme/config-only' is not a local folder nor in the Hugging Face"):
+        LLM("acme/config-only")
     with pytest.raises(FileNotFoundError, match="model folder 'no/such/folder' does not exist"):
         LLM("no/such/folder")
 
@@ -405,3 +411,20 @@ def test_logprobs_are_the_models_log_softmax(tiny_checkpoint, tp):
             assert abs(value - reference[step, token_id].item()) < 1e-4
     with pytest.raises(ValueError, match="logprobs=21 is outside"):
         SamplingParams(logprobs=21)
+
+
+def test_n_samples_do_not_hold_up_other_prompts(llm):
+    steps = []
+    step = llm.step
+    llm.step = lambda: steps.append(1) or step()
+    try:
+        prompts = [[i + 3] * 20 for i in range(8)]
+        steps.clear()
+        llm.generate(prompts, SamplingParams(n=2, max_tokens=2, ignore_eos=True), use_tqdm=False)
+        with_n = len(steps)
+        steps.clear()
+        llm.generate(prompts + [[i + 50] * 20 for i in range(8)], SamplingParams(max_tokens=2, ignore_eos=True),
+                     use_tqdm=False)
+    finally:
+        del llm.step
+    assert with_n <= len(steps) + 2, (with_n, len(steps))

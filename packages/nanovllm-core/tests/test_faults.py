@@ -64,6 +64,12 @@ def test_rank_fault_ends_generate_with_a_clear_error(tiny_checkpoint, kind, rank
     assert_recovered(result)
 
 
+def test_rank_killed_between_calls_ends_the_next_with_a_clear_error(tiny_checkpoint):
+    result = run_driver(tiny_checkpoint("qwen3"), "killed-idle")
+    assert result["error"] and "rank 1 exited with signal SIGKILL" in result["error"], result
+    assert_recovered(result)
+
+
 @pytest.mark.parametrize("target", ["main", "group"])
 def test_ctrl_c_leaves_the_engine_usable(tiny_checkpoint, target):
     result = run_driver(tiny_checkpoint("qwen3"), "interrupt", target, new_session=target == "group")

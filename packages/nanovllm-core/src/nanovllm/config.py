@@ -1,4 +1,5 @@
 import dataclasses
+import glob
 import logging
 import os
 from dataclasses import dataclass, field
@@ -52,8 +53,10 @@ def resolve_model(model: str, download_dir: str | None = None) -> str:
                                 f"(config.json, *.safetensors, tokenizer) or a hub id such as Qwen/Qwen3-0.6B")
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
-    try:
-        return snapshot_download(model, cache_dir=download_dir, allow_patterns=HUB_FILES, local_files_only=True)
+    try:  # a snapshot that loading config or tokenizer alone left has no weights: it does not count
+        folder = snapshot_download(model, cache_dir=download_dir, allow_patterns=HUB_FILES, local_files_only=True)
+        if os.path.isfile(os.path.join(folder, "config.json")) and glob.glob(os.path.join(folder, "*.safetensors")):
+            return folder
     except LocalEntryNotFoundError:
         pass
     cache = download_dir or constants.HF_HUB_CACHE

@@ -101,6 +101,8 @@ class LLMEngine:
         self.exit()
 
     def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> Sequence:
+        if sampling_params.n != 1:
+            raise ValueError(f"add_request makes one sequence; n={sampling_params.n} samples need generate()")
         seq = Sequence(self._validated_token_ids(prompt), self._validated_params(sampling_params),
                        self.config.kvcache_block_size)
         self.scheduler.add(seq)
@@ -174,6 +176,13 @@ class LLMEngine:
     def _stop_string_hit(self, seq: Sequence, end: int) -> bool:
         """Whether the output up to token ``end`` holds a stop string; if so its text, cut there, is kept."""
         params = seq.sampling_params
+        if end - seq.num_prompt_tokens <= params.min_tokens:  # as vLLM: no stop before min_tokens
+            return False
+        # only the tail can hold a stop string the last token completed: decode it alone
+        tail = max(seq.num_prompt_tokens, end - max(map(len, params.stop)) - 4)
+        if not any(stop in self.tokenizer.decode(seq.token_ids[tail:end], skip_special_tokens=True)
+                   for stop in params.stop):
+            return False
         text = self.tokenizer.decode(seq.token_ids[seq.num_prompt_tokens:end], skip_special_tokens=True)
         hits = [(text.find(stop), stop) for stop in params.stop if stop in text]
         if not hits:
@@ -215,8 +224,8 @@ class LLMEngine:
             for seq in group[1:]:
                 seq.first_sample = group[0]
         seqs = [seq for group in samples for seq in group]
-        for seq in seqs:
-            self.scheduler.add(seq)
+        for seq in [group[0] for group in samples] + [s for group in samples for s in group[1:]]:
+            self.scheduler.add(seq)  # later samples queue behind every first one: their wait holds up no prompt
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         prefill_tps = decode_tps = 0.0
         try:

@@ -118,10 +118,7 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.token_ids[-1] < 0:
                 break  # preempted with a token still in flight: recompute once it is known
-            first = seq.first_sample
-            if (first is not None and first.status != SequenceStatus.FINISHED
-                    and self.block_manager.enable_prefix_caching
-                    and len(first.block_hashes) < self._cacheable_tokens(seq) // self.block_manager.block_size):
+            if self._waits_for_first_sample(seq):
                 break  # the prompt's other samples start from its first one's blocks, once they are cached
             cached_ids, cached_hashes = self.block_manager.find_cached_blocks(seq, self._cacheable_tokens(seq))
             num_computed = len(cached_ids) * self.block_manager.block_size
@@ -142,6 +139,15 @@ class Scheduler:
             budget -= num_tokens
         self._advance(batch)
         return batch
+
+    def _waits_for_first_sample(self, seq: Sequence) -> bool:
+        """A prompt's later sample, never run, waits while its first sample runs and has not yet cached the
+        prompt's full blocks (not when that cannot happen: no prefix caching, a compacted or waiting first)."""
+        first = seq.first_sample
+        if (first is None or seq.num_completion_tokens or first.status != SequenceStatus.RUNNING
+                or not self.block_manager.enable_prefix_caching or self._compacts(first) or first.num_dropped_tokens):
+            return False
+        return len(first.block_hashes) < (seq.num_prompt_tokens - 1) // self.block_manager.block_size
 
     def _compacts(self, seq: Sequence) -> bool:
         """Whether the retention policy will drop KV of ``seq`` when its prompt completes (not done yet)."""

@@ -144,9 +144,8 @@ class Workers:
 
     def execute(self, inputs: StepInputs) -> "RemoteSampledTokens":
         """Launch a step on every rank; its sampled tokens are read when asked for."""
-        self._send("execute", (inputs,), replying=[0])
         step = RemoteSampledTokens(self)
-        self.steps.append(step)
+        self._send("execute", (inputs,), replying=[0], step=step)
         return step
 
     def call(self, method: str, *args):
@@ -158,21 +157,28 @@ class Workers:
         results = [self.replies[rank].pop() for rank in range(self.world_size)]
         return results[0]
 
-    def _send(self, method: str, args: tuple, replying):
+    def _send(self, method: str, args: tuple, replying, step: "RemoteSampledTokens | None" = None):
         if self.dead:
             raise EngineDeadError(f"the engine is dead: {self.dead}; build a new LLM")
         message = ForkingPickler.dumps((method, args))  # once for all ranks
-        with _interrupts_deferred():  # every rank gets it, or none
-            for conn in self.conns:
-                conn.send_bytes(message)
+        with _interrupts_deferred():  # every rank gets it and the books say so, or none
+            try:
+                for conn in self.conns:
+                    conn.send_bytes(message)
+            except OSError:  # a rank's pipe is closed: it died since its last reply
+                self._fail_on_deaths(method)
+                self._fail(f"a rank's pipe closed before {method}")
             for rank in replying:
                 self.unanswered[rank] += 1
+            if step is not None:
+                self.steps.append(step)
 
     def _read_step(self):
         """Rank 0's tokens for the oldest unread step (a step Ctrl-C abandoned gets them too, unread)."""
         self._wait(lambda: self.replies[0], "the step", self.step_timeout)
-        step = self.steps.popleft()
-        step.token_ids, step.token_logprobs = self.replies[0].popleft()
+        with _interrupts_deferred():  # the step and its reply leave together
+            step = self.steps.popleft()
+            step.token_ids, step.token_logprobs = self.replies[0].popleft()
 
     def _wait(self, done, what: str, timeout: float | None):
         """Receive replies until ``done()``, watching every rank for an error, its death, its silence, and the
@@ -184,18 +190,7 @@ class Workers:
             ready = wait(self.conns + [p.sentinel for p in self.processes], HEARTBEAT_SECONDS)
             for rank, conn in enumerate(self.conns):
                 if conn in ready:
-                    try:
-                        with _interrupts_deferred():  # a message read in part would garble the pipe
-                            kind, payload = conn.recv()
-                    except (EOFError, OSError):
-                        continue  # the process is gone: its sentinel says how
-                    if kind == "error":
-                        summary, trace = payload
-                        logger.error("rank %d failed while %s:\n%s", rank, what, trace)
-                        self._fail_on_deaths(what)  # a rank's death shows on the others as a collective's error
-                        self._fail(f"rank {rank} failed while {what}: {summary}")
-                    self.replies[rank].append(payload)
-                    self.unanswered[rank] -= 1
+                    self._receive(rank, what)
             self._fail_on_deaths(what)
             now = time.monotonic()
             silent = [r for r, beat in enumerate(self.heartbeats) if beat and now - beat > self.heartbeat_timeout]
@@ -207,9 +202,29 @@ class Workers:
                 self._fail(f"ranks {late} did not finish {what} within {timeout:g} s (NANOVLLM_STEP_TIMEOUT): a "
                            f"collective may wait for a rank that will not come")
 
-    def _fail_on_deaths(self, what: str):
-        """Fail naming the first rank whose process ended when it should not have."""
+    def _receive(self, rank: int, what: str):
+        """Take one message of ``rank``: a reply is kept, an error fails the engine."""
+        try:
+            with _interrupts_deferred():  # a message read in part would garble the pipe; a reply half kept too
+                kind, payload = self.conns[rank].recv()
+                if kind != "error":
+                    self.replies[rank].append(payload)
+                    self.unanswered[rank] -= 1
+        except (EOFError, OSError):
+            return  # the process is gone: its sentinel says how
+        if kind == "error":
+            summary, trace = payload
+            logger.error("rank %d failed while %s:\n%s", rank, what, trace)
+            self._fail_on_deaths(what, error_from=rank)  # a rank's death shows on the others as a collective's error
+            self._fail(f"rank {rank} failed while {what}: {summary}")
+
+    def _fail_on_deaths(self, what: str, error_from: int | None = None):
+        """Fail naming the first rank whose process ended when it should not have (what it sent before it
+        ended is read first: an exit's reply, or its error)."""
         for rank, process in enumerate(self.processes):
+            if rank != error_from and process.exitcode is not None:
+                while self.unanswered[rank] and self.conns[rank].poll():
+                    self._receive(rank, what)
             if process.exitcode or (process.exitcode == 0 and self.unanswered[rank]):
                 self._fail(f"rank {rank} exited with {_exit_reason(process.exitcode)} while {what}")
 
@@ -220,13 +235,14 @@ class Workers:
 
     def exit(self):
         """Have the ranks release their memory and leave; stop any that do not within seconds."""
-        if not self.dead:
-            try:
+        try:
+            if not self.dead:
                 self.call("exit")
-            except EngineDeadError as exc:  # its ranks are already stopped
-                logger.warning("%s", exc)
-            self.dead = "it was shut down (exit)"
-        self._stop_processes(grace=5)
+        except EngineDeadError as exc:  # its ranks are already stopped
+            logger.warning("%s", exc)
+        finally:
+            self.dead = self.dead or "it was shut down (exit)"
+            self._stop_processes(grace=5)
 
     def _stop_processes(self, grace: float):
         for process in self.processes:
