@@ -223,9 +223,10 @@ class LLMEngine:
         for group in samples:
             for seq in group[1:]:
                 seq.first_sample = group[0]
-        seqs = [seq for group in samples for seq in group]
-        for seq in [group[0] for group in samples] + [s for group in samples for s in group[1:]]:
-            self.scheduler.add(seq)  # later samples queue behind every first one: their wait holds up no prompt
+        # later samples queue behind every first one: their wait holds up no prompt
+        seqs = [group[0] for group in samples] + [seq for group in samples for seq in group[1:]]
+        for seq in seqs:
+            self.scheduler.add(seq)
         bar = tqdm(total=len(seqs), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         prefill_tps = decode_tps = 0.0
         try:

@@ -7,8 +7,8 @@ from datetime import timedelta
 
 import numpy as np
 import torch
-import xxhash
 import torch.distributed as dist
+import xxhash
 
 from nanovllm.attention_backend import AttentionBackend
 from nanovllm.config import Config
@@ -114,8 +114,9 @@ def _logprobs(logits: torch.Tensor, sampled: torch.Tensor, k: int) -> torch.Tens
                       top.values.double()], dim=1)
 
 
-def _padded(rows: list[list[int]]) -> np.ndarray:
-    table = np.full((len(rows), max(1, max(map(len, rows)))), SamplingInputs.PAD, dtype=np.int64)
+def _padded(rows: list[list[int]], fill: int = SamplingInputs.PAD, dtype=np.int64) -> np.ndarray:
+    """``rows`` as one array, each row filled up with ``fill`` to the longest."""
+    table = np.full((len(rows), max(1, max(map(len, rows)))), fill, dtype=dtype)
     for i, row in enumerate(rows):
         table[i, :len(row)] = row
     return table
@@ -416,8 +417,7 @@ class ModelRunner:
         if sampling.min_p is not None:
             adjust.min_p = self._to_device("min_p", sampling.min_p)
         if sampling.banned is not None:
-            adjust.banned = self._to_device("banned", np.where(sampling.banned == SamplingInputs.PAD, vocab,
-                                                               sampling.banned))
+            adjust.banned = self._token_ids("banned", sampling.banned, vocab)
         if sampling.penalties is not None:
             adjust.history = self._token_ids("history", sampling.history, vocab)
             adjust.num_prompt = self._to_device("num_prompt", sampling.num_prompt)
@@ -449,13 +449,17 @@ class ModelRunner:
             dist.broadcast(self.prev_sampled, src=0)
         if self.rank:
             return None
-        cuda = self.device.type == "cuda"
-        logprobs = None if sampling.num_logprobs is None else _logprobs(logits, self.prev_sampled,
-                                                                        sampling.num_logprobs)
-        return SampledTokens(self.prev_sampled, self._pinned("sampled", self.prev_sampled.numel(), torch.int64)
-                             if cuda else None, logprobs,
-                             self._pinned("logprobs", logprobs.numel(), torch.float64).view(logprobs.shape)
-                             if cuda and logprobs is not None else None)
+        if sampling.num_logprobs is None:
+            return SampledTokens(self.prev_sampled, self._host_buffer("sampled", self.prev_sampled))
+        logprobs = _logprobs(logits, self.prev_sampled, sampling.num_logprobs)
+        return SampledTokens(self.prev_sampled, self._host_buffer("sampled", self.prev_sampled), logprobs,
+                             self._host_buffer("logprobs", logprobs))
+
+    def _host_buffer(self, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
+        """A pinned host buffer of ``tensor``'s shape for its asynchronous copy back; None off CUDA."""
+        if self.device.type != "cuda":
+            return None
+        return self._pinned(name, tensor.numel(), tensor.dtype).view(tensor.shape)
 
     def exit(self):
         """Release the model, the KV cache and the graphs, so another engine can use the device."""
@@ -490,9 +494,7 @@ def prepare_step(batch: ScheduledBatch, block_size: int, retention_window: int,
     seq_of_token = np.repeat(np.arange(num_seqs), counts)
     positions = np.arange(cu_q[-1], dtype=np.int64) - np.repeat(cu_q[:-1] - starts, counts)
     slots = positions - dropped[seq_of_token]
-    block_tables = np.zeros((num_seqs, max(map(len, batch.block_tables))), dtype=np.int32)
-    for i, table in enumerate(batch.block_tables):
-        block_tables[i, :len(table)] = table
+    block_tables = _padded(batch.block_tables, 0, np.int32)
     slot_mapping = (block_tables[seq_of_token, slots // block_size].astype(np.int64) * block_size
                     + slots % block_size)
     logits_indices = cu_q[1:][np.array(batch.sampling)].astype(np.int64) - 1

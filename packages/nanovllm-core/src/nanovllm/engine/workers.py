@@ -158,8 +158,7 @@ class Workers:
         return results[0]
 
     def _send(self, method: str, args: tuple, replying, step: "RemoteSampledTokens | None" = None):
-        if self.dead:
-            raise EngineDeadError(f"the engine is dead: {self.dead}; build a new LLM")
+        self._check_alive()
         message = ForkingPickler.dumps((method, args))  # once for all ranks
         with _interrupts_deferred():  # every rank gets it and the books say so, or none
             try:
@@ -183,8 +182,7 @@ class Workers:
     def _wait(self, done, what: str, timeout: float | None):
         """Receive replies until ``done()``, watching every rank for an error, its death, its silence, and the
         deadline."""
-        if self.dead:
-            raise EngineDeadError(f"the engine is dead: {self.dead}; build a new LLM")
+        self._check_alive()
         deadline = None if timeout is None else time.monotonic() + timeout
         while not done():
             ready = wait(self.conns + [p.sentinel for p in self.processes], HEARTBEAT_SECONDS)
@@ -217,6 +215,10 @@ class Workers:
             logger.error("rank %d failed while %s:\n%s", rank, what, trace)
             self._fail_on_deaths(what, error_from=rank)  # a rank's death shows on the others as a collective's error
             self._fail(f"rank {rank} failed while {what}: {summary}")
+
+    def _check_alive(self):
+        if self.dead:
+            raise EngineDeadError(f"the engine is dead: {self.dead}; build a new LLM")
 
     def _fail_on_deaths(self, what: str, error_from: int | None = None):
         """Fail naming the first rank whose process ended when it should not have (what it sent before it
