@@ -105,3 +105,26 @@ def test_too_little_memory_is_a_clear_error(tiny_checkpoint):
     from nanovllm import LLM
     with pytest.raises(ValueError, match="fewer than max_model_len=2048.*gpu_memory_utilization"):
         LLM(tiny_checkpoint("qwen3", **GPU_TINY), max_model_len=2048, gpu_memory_utilization=0.001)
+
+
+def test_logprobs_and_prompt_logprobs_match_hf(tiny_checkpoint):
+    """On the GPU (pinned copies back, chunked prefill of a 700-token prompt, decode graphs): each sampled and each
+    prompt token's log-probability against Hugging Face's log_softmax in bf16."""
+    from transformers import AutoModelForCausalLM
+    from nanovllm import LLM, SamplingParams
+    path = tiny_checkpoint("qwen3", **GPU_TINY)
+    rng = random.Random(5)
+    prompts = [[rng.randrange(512) for _ in range(n)] for n in (700, 40)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=2, prompt_logprobs=2)
+    with LLM(path, max_model_len=2048, max_num_batched_tokens=256, max_num_seqs=8) as llm:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.bfloat16).cuda()
+    for prompt, out in zip(prompts, outputs):
+        tokens = prompt + out["token_ids"]
+        with torch.no_grad():
+            reference = torch.log_softmax(hf(torch.tensor([tokens], device="cuda")).logits[0, :-1].float(), dim=-1)
+        got = [entry[token] for entry, token in zip(out["prompt_logprobs"][1:], prompt[1:])]
+        got += [entry[token] for entry, token in zip(out["logprobs"], out["token_ids"])]
+        assert out["prompt_logprobs"][0] is None and len(got) == len(tokens) - 1
+        expected = reference.gather(1, torch.tensor(tokens[1:], device="cuda")[:, None])[:, 0]
+        assert (torch.tensor(got, device="cuda") - expected).abs().max().item() < 0.1

@@ -413,6 +413,43 @@ def test_logprobs_are_the_models_log_softmax(tiny_checkpoint, tp):
         SamplingParams(logprobs=21)
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_prompt_logprobs_are_the_models_log_softmax(tiny_checkpoint, tp):
+    from transformers import AutoModelForCausalLM
+    path = tiny_checkpoint("qwen3")
+    hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+    long_prompt = [(7 * i) % 200 + 3 for i in range(40)]  # chunked: 40 tokens over steps of 16
+    prompts = [long_prompt, [40, 41, 42], long_prompt]
+    asking = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=2)
+    options = {**OPTIONS, "max_num_batched_tokens": 16}
+    with LLM(path, tensor_parallel_size=tp, **options) as engine:
+        engine.generate([long_prompt], SamplingParams(max_tokens=1), use_tqdm=False)  # now in the prefix cache
+        outputs = engine.generate(prompts, [asking, asking, SamplingParams(temperature=0, max_tokens=2)],
+                                  use_tqdm=False)
+        assert_all_blocks_released(engine)
+    assert outputs[0]["num_cached_tokens"] == 0  # every prompt position is computed
+    assert outputs[2]["num_cached_tokens"] > 0 and "prompt_logprobs" not in outputs[2]
+    for prompt, output in zip(prompts, outputs[:2]):
+        entries = output["prompt_logprobs"]
+        assert len(entries) == len(prompt) and entries[0] is None
+        with torch.no_grad():
+            reference = torch.log_softmax(hf(torch.tensor([prompt])).logits[0, :-1], dim=-1)
+        for position, entry in enumerate(entries[1:]):
+            top = reference[position].topk(2)
+            assert set(entry) == set(top.indices.tolist()) | {prompt[position + 1]}
+            for token_id, value in entry.items():
+                assert abs(value - reference[position, token_id].item()) < 1e-4
+    with pytest.raises(ValueError, match="prompt_logprobs=-1 is outside"):
+        SamplingParams(prompt_logprobs=-1)
+
+
+def test_a_request_finished_in_its_first_step_leaves_its_prompt_cached(llm):
+    prompt = list(range(60, 80))  # two full blocks of 8
+    first, again = (llm.generate([prompt], SamplingParams(max_tokens=1), use_tqdm=False)[0] for _ in range(2))
+    assert first["num_cached_tokens"] == 0 and again["num_cached_tokens"] == 16
+    assert_all_blocks_released(llm)
+
+
 def test_n_samples_do_not_hold_up_other_prompts(llm):
     steps = []
     step = llm.step

@@ -43,6 +43,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted from the logit of each token already in the output
     frequency_penalty: float = 0.0  # subtracted once per occurrence in the output
     logprobs: int | None = None  # per output token, the log-probabilities of it and of the top this many
+    prompt_logprobs: int | None = None  # per prompt token after the first, as logprobs (no prefix cache then)
 
     @property
     def penalized(self) -> bool:
@@ -81,10 +82,11 @@ class SamplingParams:
         self.min_tokens = checked_number("min_tokens", self.min_tokens, integer=True)
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens={self.min_tokens} is outside [0, max_tokens={self.max_tokens}]")
-        if self.logprobs is not None:
-            self.logprobs = checked_number("logprobs", self.logprobs, integer=True)
-            if not 0 <= self.logprobs <= MAX_LOGPROBS:
-                raise ValueError(f"logprobs={self.logprobs} is outside [0, {MAX_LOGPROBS}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                setattr(self, name, checked_number(name, getattr(self, name), integer=True))
+                if not 0 <= getattr(self, name) <= MAX_LOGPROBS:
+                    raise ValueError(f"{name}={getattr(self, name)} is outside [0, {MAX_LOGPROBS}]")
         self.min_p = checked_number("min_p", self.min_p)
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p={self.min_p} is outside [0, 1]; use 0 to keep all tokens")

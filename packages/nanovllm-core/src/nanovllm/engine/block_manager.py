@@ -115,7 +115,8 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.num_dropped_tokens:
             return
         prefix_hash = seq.block_hashes[-1] if seq.block_hashes else -1
-        for i in range(len(seq.block_hashes), seq.num_computed_tokens // self.block_size):
+        # a stop string may have cut tokens a step computed past it
+        for i in range(len(seq.block_hashes), min(seq.num_computed_tokens, len(seq)) // self.block_size):
             tokens = seq.block_tokens(i)
             prefix_hash = chain_hash(tokens, prefix_hash)
             seq.block_hashes.append(prefix_hash)

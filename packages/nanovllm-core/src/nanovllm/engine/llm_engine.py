@@ -171,7 +171,8 @@ class LLMEngine:
         if self._in_flight is None:
             return []
         (batch, sampled), self._in_flight = self._in_flight, None
-        return self.scheduler.update(batch, sampled.tolist(), self._stop_string_hit, sampled.logprobs())
+        return self.scheduler.update(batch, sampled.tolist(), self._stop_string_hit, sampled.logprobs(),
+                                     sampled.prompt_logprobs())
 
     def _stop_string_hit(self, seq: Sequence, end: int) -> bool:
         """Whether the output up to token ``end`` holds a stop string; if so its text, cut there, is kept."""
@@ -254,5 +255,6 @@ class LLMEngine:
                     "token_ids": seq.completion_token_ids, "finish_reason": seq.finish_reason,
                     "num_cached_tokens": seq.num_cached_tokens}
                    | ({"logprobs": seq.logprobs} if seq.sampling_params.logprobs is not None else {})
+                   | ({"prompt_logprobs": seq.prompt_logprobs} if seq.prompt_logprobs is not None else {})
                    for seq in samples]
         return outputs[0] if len(outputs) == 1 else {**outputs[0], "outputs": outputs}

@@ -45,6 +45,7 @@ class StepInputs:
     # retention work, per compacted sequence: (first query row, end row, prompt blocks, prompt length, kept, kept blocks)
     compactions: tuple[tuple[int, int, list[int], int, int, list[int]], ...] = ()
     sampling: "SamplingInputs | None" = None  # None: no sequence samples this step
+    prompt_logprobs: "PromptLogprobInputs | None" = None  # None: no sequence asks for its prompt's this step
 
     @property
     def is_decode(self) -> bool:
@@ -105,6 +106,17 @@ class SamplingInputs:
         return inputs
 
 
+@dataclass
+class PromptLogprobInputs:
+    """The prompt positions whose log-probabilities of the next prompt token are asked for this step."""
+
+    rows: np.ndarray  # the positions' rows among the step's tokens
+    targets: np.ndarray  # the next prompt token of each
+    num_top: int  # top log-probabilities to return, the most any sequence asks for
+
+    ROWS_AT_ONCE = 1024  # logits of a long prompt at once would take vocabulary x prompt floats
+
+
 def _logprobs(logits: torch.Tensor, sampled: torch.Tensor, k: int) -> torch.Tensor:
     """The model's log-probabilities (before penalties and temperature, as vLLM's default) of each row's sampled
     token and of its top ``k``, packed as [sampled id, its log-prob, k ids, k log-probs] in float64 (ids exact)."""
@@ -128,34 +140,41 @@ class SampledTokens:
     Reading them waits for this step only, not for a next step queued behind it on the GPU.
     """
 
-    def __init__(self, device_ids: torch.Tensor, host_ids: torch.Tensor | None = None,
-                 device_logprobs: torch.Tensor | None = None, host_logprobs: torch.Tensor | None = None):
-        self.device_ids = device_ids
-        self.device_logprobs = device_logprobs  # [rows, 2 + 2k]: sampled id, its log-prob, top k ids, their log-probs
+    def __init__(self, device_ids: torch.Tensor, logprobs: torch.Tensor | None = None,
+                 prompt_logprobs: torch.Tensor | None = None, host_buffer=None):
+        # logprobs: [rows, 2 + 2k] sampled id, its log-prob, top k ids, their log-probs; prompt_logprobs: the same
+        # with the next prompt token in place of the sampled one
+        self.tensors = {"ids": device_ids, "logprobs": logprobs, "prompt_logprobs": prompt_logprobs}
         self.ready = None
-        if device_ids.is_cuda:
-            self.host_ids = host_ids  # pinned, as many elements as device_ids
-            self.host_ids.copy_(device_ids, non_blocking=True)
-            if device_logprobs is not None:
-                self.host_logprobs = host_logprobs.copy_(device_logprobs, non_blocking=True)
+        if host_buffer is not None:  # on CUDA: copied back into pinned buffers without waiting
+            self.tensors = {name: None if t is None else host_buffer(name, t).copy_(t, non_blocking=True)
+                            for name, t in self.tensors.items()}
             self.ready = torch.cuda.Event()
             self.ready.record()
 
+    def _read(self, name: str) -> torch.Tensor | None:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.tensors[name]
+
     def tolist(self) -> list[int]:
-        if self.ready is None:
-            return self.device_ids.tolist()
-        self.ready.synchronize()
-        return self.host_ids.tolist()
+        return self._read("ids").tolist()
 
     def logprobs(self) -> list[tuple[int, float, list[tuple[int, float]]]] | None:
         """Per row: the sampled token, its log-probability, and the top tokens with theirs (None: not asked)."""
-        if self.device_logprobs is None:
-            return None
-        if self.ready is not None:
-            self.ready.synchronize()
-        rows = (self.device_logprobs if self.ready is None else self.host_logprobs).tolist()
-        k = (len(rows[0]) - 2) // 2 if rows else 0
-        return [(int(row[0]), row[1], [(int(i), lp) for i, lp in zip(row[2:2 + k], row[2 + k:])]) for row in rows]
+        return _logprob_rows(self._read("logprobs"))
+
+    def prompt_logprobs(self) -> list[tuple[int, float, list[tuple[int, float]]]] | None:
+        """Per prompt position asked for: the next prompt token, its log-probability, and the top tokens."""
+        return _logprob_rows(self._read("prompt_logprobs"))
+
+
+def _logprob_rows(packed: torch.Tensor | None) -> list[tuple[int, float, list[tuple[int, float]]]] | None:
+    if packed is None:
+        return None
+    k = (packed.size(1) - 2) // 2
+    return [(int(row[0]), row[1], [(int(i), lp) for i, lp in zip(row[2:2 + k], row[2 + k:])])
+            for row in packed.tolist()]
 
 
 class ModelRunner:
@@ -341,14 +360,16 @@ class ModelRunner:
     # ---- steps -------------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def run_model(self, inputs: StepInputs) -> torch.Tensor | None:
-        """Forward one step on this rank; rank 0 gets the logits of the sampling sequences."""
+    def run_model(self, inputs: StepInputs) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Forward one step on this rank; rank 0 gets the logits of the sampling sequences and the prompt
+        log-probabilities asked for."""
         self.num_steps += 1
 
         def to_device(name):
             return self._to_device(name, getattr(inputs, name))
-        if self.graphs and inputs.is_decode and len(inputs.input_ids) <= self.graph_sizes[-1]:
-            return self.model.compute_logits(self._replay_decode(inputs)[to_device("logits_indices")])
+        if (self.graphs and inputs.is_decode and len(inputs.input_ids) <= self.graph_sizes[-1]
+                and inputs.prompt_logprobs is None):
+            return self.model.compute_logits(self._replay_decode(inputs)[to_device("logits_indices")]), None
         seqlens_k = np.diff(inputs.cu_seqlens_k)
         cu_seqlens_k = to_device("cu_seqlens_k")
         set_context(Context(
@@ -360,9 +381,23 @@ class ModelRunner:
             compaction=self._compaction(inputs)))
         try:
             hidden = self.model(self._input_ids(inputs), to_device("positions"))
-            return self.model.compute_logits(hidden[to_device("logits_indices")])
+            return (self.model.compute_logits(hidden[to_device("logits_indices")]),
+                    self._prompt_logprobs(hidden, inputs.prompt_logprobs))
         finally:
             set_context(None)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, asked: PromptLogprobInputs | None) -> torch.Tensor | None:
+        """Rank 0's packed log-probabilities of the asked positions' next prompt tokens, a slice of rows at a time."""
+        if asked is None:
+            return None
+        rows, targets = self._to_device("prompt_rows", asked.rows), self._to_device("prompt_targets", asked.targets)
+        parts = []
+        for first in range(0, len(asked.rows), asked.ROWS_AT_ONCE):
+            part = slice(first, first + asked.ROWS_AT_ONCE)
+            logits = self.model.compute_logits(hidden[rows[part]])  # every rank: the vocabulary is gathered
+            if logits is not None:
+                parts.append(_logprobs(logits, targets[part], asked.num_top))
+        return torch.cat(parts) if parts else None
 
     def _compaction(self, inputs: StepInputs) -> KVCompaction | None:
         if not inputs.compactions:
@@ -428,10 +463,14 @@ class ModelRunner:
     def execute(self, inputs: StepInputs) -> SampledTokens | None:
         """Run one step; rank 0 samples a token for each sequence that samples and returns without waiting for
         the GPU. Other ranks return None; they get the tokens too, for the next step's placeholders."""
-        logits = self.run_model(inputs)
+        logits, prompt_logprobs = self.run_model(inputs)
+        host_buffer = self._host_buffer if self.device.type == "cuda" else None
         sampling = inputs.sampling
         if sampling is None:
-            return None if self.rank else SampledTokens(torch.empty(0, dtype=torch.int64))
+            if self.rank:
+                return None
+            return SampledTokens(torch.empty(0, dtype=torch.int64), None, prompt_logprobs,
+                                 host_buffer if prompt_logprobs is not None else None)
         if self.rank == 0:
             vocab = logits.size(-1)
             temperatures = self._to_device("temperatures", sampling.temperatures)
@@ -449,17 +488,13 @@ class ModelRunner:
             dist.broadcast(self.prev_sampled, src=0)
         if self.rank:
             return None
-        if sampling.num_logprobs is None:
-            return SampledTokens(self.prev_sampled, self._host_buffer("sampled", self.prev_sampled))
-        logprobs = _logprobs(logits, self.prev_sampled, sampling.num_logprobs)
-        return SampledTokens(self.prev_sampled, self._host_buffer("sampled", self.prev_sampled), logprobs,
-                             self._host_buffer("logprobs", logprobs))
+        logprobs = None if sampling.num_logprobs is None else _logprobs(logits, self.prev_sampled,
+                                                                         sampling.num_logprobs)
+        return SampledTokens(self.prev_sampled, logprobs, prompt_logprobs, host_buffer)
 
-    def _host_buffer(self, name: str, tensor: torch.Tensor) -> torch.Tensor | None:
-        """A pinned host buffer of ``tensor``'s shape for its asynchronous copy back; None off CUDA."""
-        if self.device.type != "cuda":
-            return None
-        return self._pinned(name, tensor.numel(), tensor.dtype).view(tensor.shape)
+    def _host_buffer(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """A pinned host buffer of ``tensor``'s shape for its asynchronous copy back."""
+        return self._pinned(f"{name} back", tensor.numel(), tensor.dtype).view(tensor.shape)
 
     def exit(self):
         """Release the model, the KV cache and the graphs, so another engine can use the device."""
@@ -505,6 +540,16 @@ def prepare_step(batch: ScheduledBatch, block_size: int, retention_window: int,
         end = int(cu_q[c.index + 1])
         prompt_blocks = batch.block_tables[c.index][:-(-num_prompt // block_size)]
         compactions.append((end - window, end, prompt_blocks, num_prompt, c.num_kept, c.block_table))
+    sampling = SamplingInputs.of([seq for seq, samples in zip(batch.seqs, batch.sampling) if samples], eos_token_ids)
     return StepInputs(input_ids, positions, cu_q, cu_k, slot_mapping, block_tables, logits_indices,
-                      tuple(compactions), SamplingInputs.of([s for s, samples in zip(batch.seqs, batch.sampling)
-                                                             if samples], eos_token_ids))
+                      tuple(compactions), sampling, _prompt_logprob_inputs(batch, cu_q))
+
+
+def _prompt_logprob_inputs(batch: ScheduledBatch, cu_q: np.ndarray) -> PromptLogprobInputs | None:
+    positions = batch.prompt_logprob_positions()
+    if not positions:
+        return None
+    rows = np.array([cu_q[i] + position - batch.starts[i] for i, position in positions], dtype=np.int64)
+    targets = np.array([batch.seqs[i].token_ids[position + 1] for i, position in positions], dtype=np.int64)
+    num_top = max(batch.seqs[i].sampling_params.prompt_logprobs for i, _ in positions)
+    return PromptLogprobInputs(rows, targets, num_top)

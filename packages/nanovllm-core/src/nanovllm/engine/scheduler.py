@@ -59,6 +59,13 @@ class ScheduledBatch:
     def __len__(self):
         return len(self.seqs)
 
+    def prompt_logprob_positions(self) -> list[tuple[int, int]]:
+        """(sequence index, position) of each computed prompt token whose logits give the next prompt token's
+        log-probability, for the sequences that ask for prompt logprobs."""
+        return [(i, position) for i, (seq, start, n) in enumerate(zip(self.seqs, self.starts, self.num_tokens))
+                if seq.prompt_logprobs is not None
+                for position in range(start, min(start + n, seq.num_prompt_tokens - 1))]
+
 
 class Scheduler:
     def __init__(self, config: Config, num_kvcache_blocks: int, retention: KVRetentionPolicy | None = None):
@@ -160,7 +167,10 @@ class Scheduler:
 
     def _cacheable_tokens(self, seq: Sequence) -> int:
         """How many leading tokens may come from the prefix cache: all but the last, and never the prompt's
-        window when it will be compacted (its queries must be computed)."""
+        window when it will be compacted (its queries must be computed); none when every prompt token's logits
+        are asked for."""
+        if seq.prompt_logprobs is not None:
+            return 0
         if self._compacts(seq):
             return seq.num_prompt_tokens - self._window(seq)
         return len(seq) - 1
@@ -219,10 +229,14 @@ class Scheduler:
 
     def update(self, batch: ScheduledBatch, sampled_token_ids: list[int],
                stop_string_hit: Callable[[Sequence, int], bool] = lambda seq, end: False,
-               logprobs: list | None = None) -> list[Sequence]:
+               logprobs: list | None = None, prompt_logprobs: list | None = None) -> list[Sequence]:
         """Put a step's sampled tokens (one per sampling sequence) in place of their placeholders; finish the
         sequences that stop or reached their length; returns them. ``stop_string_hit(seq, end)`` says whether the
-        output's first ``end - num_prompt_tokens`` tokens complete one of its stop strings."""
+        output's first ``end - num_prompt_tokens`` tokens complete one of its stop strings. ``logprobs`` and
+        ``prompt_logprobs``: the step's rows of them, where asked (see SampledTokens)."""
+        for (i, position), (target, logprob, top) in zip(batch.prompt_logprob_positions(), prompt_logprobs or ()):
+            seq = batch.seqs[i]  # a position computed twice (after a preemption) gets the same entry again
+            seq.prompt_logprobs[position + 1] = dict(top[:seq.sampling_params.prompt_logprobs]) | {target: logprob}
         finished = []
         sampling = (i for i, samples in enumerate(batch.sampling) if samples)
         for row, (i, token_id) in enumerate(zip(sampling, sampled_token_ids)):
@@ -247,6 +261,7 @@ class Scheduler:
 
     def _finish(self, seq: Sequence):
         if seq.status == SequenceStatus.RUNNING:
+            self.block_manager.cache_full_blocks(seq)  # the last step's blocks too: a later prompt may share them
             self.block_manager.free(seq)
             self.running.remove(seq)
         else:  # preempted while its last token was in flight; its blocks are already free

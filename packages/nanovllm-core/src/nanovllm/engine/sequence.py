@@ -32,6 +32,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_text: str | None = None  # the output text when a stop string ended it
         self.logprobs: list[dict[int, float]] = []  # per output token, when SamplingParams.logprobs asks
+        # per prompt token (None for the first, which nothing predicts), when prompt_logprobs asks: one sample's
+        asks = sampling_params.prompt_logprobs is not None and sample_index == 0
+        self.prompt_logprobs: list[dict[int, float] | None] | None = [None] * len(token_ids) if asks else None
 
     def __len__(self):
         return len(self.token_ids)

@@ -100,7 +100,7 @@ def _send_replies(conn, replies: queue.Queue, unread_steps: threading.Semaphore)
         kind, payload = reply
         if kind == "sampled":
             try:
-                payload = payload.tolist(), payload.logprobs()
+                payload = payload.tolist(), payload.logprobs(), payload.prompt_logprobs()
             except BaseException as exc:
                 kind, payload = "error", _describe(exc)
             unread_steps.release()
@@ -177,7 +177,7 @@ class Workers:
         self._wait(lambda: self.replies[0], "the step", self.step_timeout)
         with _interrupts_deferred():  # the step and its reply leave together
             step = self.steps.popleft()
-            step.token_ids, step.token_logprobs = self.replies[0].popleft()
+            step.token_ids, step.token_logprobs, step.token_prompt_logprobs = self.replies[0].popleft()
 
     def _wait(self, done, what: str, timeout: float | None):
         """Receive replies until ``done()``, watching every rank for an error, its death, its silence, and the
@@ -281,6 +281,7 @@ class RemoteSampledTokens:
         self.workers = workers
         self.token_ids: list[int] | None = None
         self.token_logprobs = None
+        self.token_prompt_logprobs = None
 
     def tolist(self) -> list[int]:
         while self.token_ids is None:
@@ -290,3 +291,7 @@ class RemoteSampledTokens:
     def logprobs(self):
         self.tolist()
         return self.token_logprobs
+
+    def prompt_logprobs(self):
+        self.tolist()
+        return self.token_prompt_logprobs
