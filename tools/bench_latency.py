@@ -1,4 +1,4 @@
-"""Latency with chunked prefill on and off: short requests arriving among long ones.
+"""Latency with chunked prefill on and off: short requests arriving among long ones, and alone.
 
     python tools/bench_latency.py [--model PATH] [--json FILE]
 
@@ -6,7 +6,10 @@ Requests arrive on a fixed wall-clock schedule: a short one (128-token prompt, 6
 every 25 ms and a long one (7,000-token prompt, 16 output tokens) every 250 ms, 64 short and 8 long
 in all. For each setting it prints time to first token (TTFT) and inter-token latency (ITL) p50 and
 p99 of the short requests, which a long prefill stalls unless it is chunked: the median over
---repeats runs of the schedule, after one warm-up run.
+--repeats runs of the schedule, after one warm-up run. "short alone" runs the short requests
+without the long ones: the latency to compare with. Per setting it also prints where the steps'
+time goes: wall time per step by kind (decode only, or carrying prefill tokens) with the GPU time
+of the model inside it, the slowest steps' make-up, and graphs torch.compile made during timed runs.
 """
 import argparse
 import json
@@ -16,22 +19,47 @@ import tempfile
 import time
 
 import numpy as np
+import torch
 
-SETTINGS = {"chunked prefill on": dict(enable_chunked_prefill=True, max_num_batched_tokens=2048),
-            "chunked prefill off": dict(enable_chunked_prefill=False, max_num_batched_tokens=8192)}
+SETTINGS = {"short alone": (dict(enable_chunked_prefill=True, max_num_batched_tokens=2048), False),
+            "chunked prefill on": (dict(enable_chunked_prefill=True, max_num_batched_tokens=2048), True),
+            "chunked prefill off": (dict(enable_chunked_prefill=False, max_num_batched_tokens=8192), True)}
 
 
-def arrivals(seed=0):
+def arrivals(with_long: bool, seed=0):
     rng = random.Random(seed)
     short = [(i * 0.025, [rng.randint(0, 10000) for _ in range(128)], 64) for i in range(64)]
     long = [(i * 0.25, [rng.randint(0, 10000) for _ in range(7000)], 16) for i in range(8)]
-    return sorted(short + long, key=lambda a: a[0])
+    return sorted(short + (long if with_long else []), key=lambda a: a[0])
 
 
-def run_schedule(llm):
+class StepLog:
+    """Wall time of each engine step with its prefill and decode tokens, and the model's GPU time per call."""
+
+    def __init__(self, llm):
+        self.steps, self.events = [], []
+        runner = getattr(llm, "model_runner", None)
+        if hasattr(runner, "run_model"):  # one rank, in this process: time its model calls on the GPU
+            run_model = runner.run_model
+
+            def timed(inputs):
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                out = run_model(inputs)
+                end.record()
+                self.events.append((begin, end))
+                return out
+            runner.run_model = timed
+
+    def gpu_ms(self) -> list[float]:
+        torch.cuda.synchronize()
+        return [b.elapsed_time(e) for b, e in self.events]
+
+
+def run_schedule(llm, with_long: bool, log: StepLog | None = None):
     """Feed the arrivals on their wall-clock schedule; TTFT and ITL of the short requests, in seconds."""
     from nanovllm import SamplingParams
-    pending = arrivals()
+    pending = arrivals(with_long)
     tracked = []  # (seq, arrival time, is_short, token times)
     start = time.perf_counter()
     while pending or not llm.is_finished():
@@ -43,8 +71,11 @@ def run_schedule(llm):
         if llm.is_finished():
             time.sleep(max(0.0, pending[0][0] - now))
             continue
-        llm.step()
+        before = time.perf_counter() - start
+        _, num_prefill, num_decode = llm.step()
         now = time.perf_counter() - start
+        if log is not None:
+            log.steps.append((now - before, num_prefill, num_decode))
         for seq, _, _, times in tracked:
             times.extend([now] * (seq.num_completion_tokens - len(times)))
     ttft = [times[0] - at for _, at, short, times in tracked if short]
@@ -52,19 +83,42 @@ def run_schedule(llm):
     return ttft, itl
 
 
-def measure(model, options, repeats):
+def measure(model, options, with_long, repeats):
     """Run the schedule once to warm up, then ``repeats`` times; the median of each run's percentiles."""
+    from torch._dynamo.utils import counters
     from nanovllm import LLM
     llm = LLM(model, max_model_len=8192, **options)
-    run_schedule(llm)
-    runs = []
+    run_schedule(llm, with_long)
+    graphs_before = counters["stats"]["unique_graphs"]
+    runs, log = [], StepLog(llm)
     for _ in range(repeats):
-        ttft, itl = run_schedule(llm)
+        ttft, itl = run_schedule(llm, with_long, log)
         runs.append([np.percentile(ttft, 50), np.percentile(ttft, 99), np.percentile(itl, 50), np.percentile(itl, 99)])
+    gpu_ms = log.gpu_ms()
     llm.exit()
     medians = np.median(np.array(runs) * 1000, axis=0)
     return dict(zip(["ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"], map(float, medians)),
-                runs_ms=(np.array(runs) * 1000).round(1).tolist())
+                runs_ms=(np.array(runs) * 1000).round(1).tolist(),
+                new_compiled_graphs=counters["stats"]["unique_graphs"] - graphs_before,
+                steps=step_profile(log.steps, gpu_ms))
+
+
+def step_profile(steps: list[tuple[float, int, int]], gpu_ms: list[float]) -> dict:
+    """Per step kind: count, wall ms p50/p99/max, GPU ms of the model p50/p99; and the slowest steps."""
+    # a step's wall time covers reading the previous step's tokens (async scheduling): pair it with its own model
+    # call only when every step called the model once
+    gpu = gpu_ms if len(gpu_ms) == len(steps) else [float("nan")] * len(steps)
+    rows = [(wall * 1000, prefill, decode, g) for (wall, prefill, decode), g in zip(steps, gpu)]
+    profile = {}
+    for kind, chosen in (("decode only", [r for r in rows if not r[1]]), ("with prefill", [r for r in rows if r[1]])):
+        if chosen:
+            wall, g = np.array([r[0] for r in chosen]), np.array([r[3] for r in chosen])
+            profile[kind] = dict(steps=len(chosen), wall_p50_ms=float(np.percentile(wall, 50)),
+                                 wall_p99_ms=float(np.percentile(wall, 99)), wall_max_ms=float(wall.max()),
+                                 gpu_p50_ms=float(np.percentile(g, 50)), gpu_p99_ms=float(np.percentile(g, 99)))
+    profile["slowest"] = [dict(wall_ms=round(w, 1), prefill_tokens=p, decode_tokens=d, gpu_ms=round(g, 1))
+                          for w, p, d, g in sorted(rows, reverse=True)[:8]]
+    return profile
 
 
 def main():
@@ -73,15 +127,22 @@ def main():
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting, after one warm-up run")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
-    import torch
     from nanovllm.testing import QWEN3_0_6B, make_random_checkpoint
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as folder:
         model = args.model or make_random_checkpoint(os.path.join(folder, "m"), dtype=torch.bfloat16, **QWEN3_0_6B)
-        results = {name: measure(model, options, args.repeats) for name, options in SETTINGS.items()}
+        results = {name: measure(model, options, with_long, args.repeats)
+                   for name, (options, with_long) in SETTINGS.items()}
     for name, r in results.items():
-        print(f"{name:>20} ({SETTINGS[name]['max_num_batched_tokens']} tokens/step): TTFT p50 {r['ttft_p50_ms']:.1f} ms, "
-              f"p99 {r['ttft_p99_ms']:.1f} ms; ITL p50 {r['itl_p50_ms']:.1f} ms, p99 {r['itl_p99_ms']:.1f} ms")
+        print(f"{name:>20} ({SETTINGS[name][0]['max_num_batched_tokens']} tokens/step): TTFT p50 "
+              f"{r['ttft_p50_ms']:.1f} ms, p99 {r['ttft_p99_ms']:.1f} ms; ITL p50 {r['itl_p50_ms']:.1f} ms, "
+              f"p99 {r['itl_p99_ms']:.1f} ms; graphs compiled in timed runs: {r['new_compiled_graphs']}")
+        for kind, p in r["steps"].items():
+            if kind != "slowest":
+                print(f"{'':>22}{kind}: {p['steps']} steps, wall p50 {p['wall_p50_ms']:.1f} p99 "
+                      f"{p['wall_p99_ms']:.1f} max {p['wall_max_ms']:.1f} ms; model on GPU p50 {p['gpu_p50_ms']:.1f} "
+                      f"p99 {p['gpu_p99_ms']:.1f} ms")
+        print(f"{'':>22}slowest: {r['steps']['slowest']}")
     print(f"SUMMARY {device}: " + json.dumps(results))
     if args.json:
         with open(args.json, "w") as f:

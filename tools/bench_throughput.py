@@ -3,7 +3,7 @@
     python tools/bench_throughput.py [--upstream PATH_TO_NANO_VLLM_CHECKOUT] [--baseline LABEL=PYTHONPATH]
                                      [--model PATH] [--json FILE]
 
-Each engine runs in its own process on the same checkpoint (Qwen3-0.6B shape, random weights, made
+Each engine runs in its own process on the same checkpoint (Qwen3-0.6B or --shape, random weights, made
 locally unless --model is given) and the same workload: 256 sequences, input and output lengths
 uniform in 100..1024 from random.seed(0), temperature 0.6, ignore_eos. It prints both figures,
 their ratio, and the HBM-bandwidth lower bound for the workload on this GPU.
@@ -82,14 +82,20 @@ def hbm_bound(model, prompts, max_tokens, gpu_name, num_gpus=1):
                 prefill_tflop=prefill_flops / 1e12, hbm_tb_per_s=bandwidth / 1e12)
 
 
+SHAPES = {"qwen3-0.6b": "QWEN3_0_6B", "qwen3-8b": "QWEN3_8B"}  # names in nanovllm.testing
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--upstream", help="path of an upstream nano-vllm checkout to run beside nanovllm")
-    parser.add_argument("--model", help="checkpoint folder (default: Qwen3-0.6B shape, random weights)")
+    parser.add_argument("--model", help="checkpoint folder (default: random weights of --shape)")
+    parser.add_argument("--shape", choices=SHAPES, default="qwen3-0.6b", help="the random checkpoint's shape")
     parser.add_argument("--num-seqs", type=int, default=256)
     parser.add_argument("--input-len", type=int, nargs=2, default=(100, 1024))
     parser.add_argument("--output-len", type=int, nargs=2, default=(100, 1024))
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--also-tp", type=int, action="append", default=[], metavar="N",
+                        help="also run nanovllm at tensor-parallel size N (its ratio to it printed)")
     parser.add_argument("--dtype", help="compute dtype for every engine (default: the checkpoint's)")
     parser.add_argument("--backend", action="append", default=[], metavar="NAME=PYTHONPATH",
                         help="also run nanovllm with this attention backend, PYTHONPATH prepended (fa1=/tmp/fa1)")
@@ -108,9 +114,10 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         model = args.model
         if model is None:
-            from nanovllm.testing import QWEN3_0_6B, make_random_checkpoint
-            model = make_random_checkpoint(os.path.join(folder, "qwen3-0.6b-random"), "Qwen3ForCausalLM",
-                                           dtype=torch.bfloat16, **QWEN3_0_6B)
+            from nanovllm import testing
+            with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # 8B random weights: fast on a GPU
+                model = testing.make_random_checkpoint(os.path.join(folder, f"{args.shape}-random"), "Qwen3ForCausalLM",
+                                                       dtype=torch.bfloat16, **getattr(testing, SHAPES[args.shape]))
         prompts, max_tokens = make_workload(args.num_seqs, args.input_len, args.output_len)
         workload_file = os.path.join(folder, "workload.json")
         with open(workload_file, "w") as f:
@@ -125,6 +132,9 @@ def main():
             name, _, path = backend.partition("=")
             summary[f"nanovllm[{name}]"] = child(model, workload_file, {**options, "attention_backend": name},
                                                  pythonpath=path or None)
+        for tp in args.also_tp:
+            other = summary[f"nanovllm[tp={tp}]"] = child(model, workload_file, {**options, "tensor_parallel_size": tp})
+            summary[f"ratio_to_tp={tp}"] = summary["nanovllm"]["throughput"] / other["throughput"]
         for baseline in args.baseline:
             label, _, path = baseline.partition("=")
             summary[label] = child(model, workload_file, options, pythonpath=path)
@@ -136,10 +146,14 @@ def main():
             summary["hbm_bound"] = hbm_bound(model, prompts, max_tokens, gpu, args.tensor_parallel_size)
             summary["fraction_of_bound"] = summary["hbm_bound"]["bound_seconds"] / summary["nanovllm"]["seconds"]
     baselines = [b.partition("=")[0] for b in args.baseline]
-    for engine in ["nanovllm", *(f"nanovllm[{b.partition('=')[0]}]" for b in args.backend), *baselines, "upstream"]:
+    engines = ["nanovllm", *(f"nanovllm[{b.partition('=')[0]}]" for b in args.backend),
+               *(f"nanovllm[tp={tp}]" for tp in args.also_tp), *baselines, "upstream"]
+    for engine in engines:
         if engine in summary:
             r = summary[engine]
             print(f"{engine:>14}: {r['output_tokens']} tok in {r['seconds']:.2f} s = {r['throughput']:.0f} tok/s")
+    for tp in args.also_tp:
+        print(f"    ratio: {summary[f'ratio_to_tp={tp}']:.3f}x nanovllm at TP={tp}")
     for label in baselines:
         print(f"    ratio: {summary[f'ratio_to_{label}']:.3f}x {label}")
     if "ratio" in summary:

@@ -465,3 +465,12 @@ def test_n_samples_do_not_hold_up_other_prompts(llm):
     finally:
         del llm.step
     assert with_n <= len(steps) + 2, (with_n, len(steps))
+
+
+def test_profiler_folder_gets_each_ranks_table(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOVLLM_TORCH_PROFILER_DIR", str(tmp_path))
+    with LLM(tiny_checkpoint("qwen3"), tensor_parallel_size=2, **OPTIONS) as engine:
+        engine.generate([[5, 6, 7]], SamplingParams(max_tokens=3), use_tqdm=False)
+    for rank in (0, 1):
+        table = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "aten::mm" in table and "Self CPU" in table

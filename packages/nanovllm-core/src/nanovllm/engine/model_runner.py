@@ -177,6 +177,33 @@ def _logprob_rows(packed: torch.Tensor | None) -> list[tuple[int, float, list[tu
             for row in packed.tolist()]
 
 
+PROFILER_DIR = "NANOVLLM_TORCH_PROFILER_DIR"  # as vLLM's VLLM_TORCH_PROFILER_DIR
+
+
+def _start_profiler() -> torch.profiler.profile | None:
+    """With NANOVLLM_TORCH_PROFILER_DIR set, profile every step of this rank until the engine exits."""
+    if not os.environ.get(PROFILER_DIR):
+        return None
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profiler = torch.profiler.profile(activities=activities)
+    profiler.start()
+    return profiler
+
+
+def _write_profile(profiler: torch.profiler.profile, rank: int):
+    """The rank's operators and kernels by total time, as rank<N>.txt in the profiler folder."""
+    profiler.stop()
+    folder = os.environ[PROFILER_DIR]
+    os.makedirs(folder, exist_ok=True)
+    sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    path = os.path.join(folder, f"rank{rank}.txt")
+    with open(path, "w") as f:
+        f.write(profiler.key_averages().table(sort_by=sort_by, row_limit=50, max_name_column_width=80))
+    logger.info("profile of rank %d written to %s", rank, path)
+
+
 class ModelRunner:
     def __init__(self, config: Config, rank: int, model_cls: type, backend_cls: type[AttentionBackend],
                  dist_port: int | None = None):
@@ -226,6 +253,7 @@ class ModelRunner:
             self._warmup_sampler()
         if config.seed is not None:  # after the warm-ups: the first request sees the seeded state
             torch.manual_seed(config.seed)
+        self.profiler = _start_profiler()
 
     def _allocate_kv_cache(self, dtype: torch.dtype, device_type: str) -> int:
         config = self.config
@@ -498,6 +526,9 @@ class ModelRunner:
 
     def exit(self):
         """Release the model, the KV cache and the graphs, so another engine can use the device."""
+        if self.profiler is not None:
+            _write_profile(self.profiler, self.rank)
+            self.profiler = None
         self.graphs.clear()
         self.graph_vars = None
         self.attention_layers = []

@@ -17,6 +17,9 @@ import torch
 QWEN3_0_6B = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
                   tie_word_embeddings=True, rms_norm_eps=1e-6)
+QWEN3_8B = dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+                tie_word_embeddings=False, rms_norm_eps=1e-6)
 SMALL = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=2, head_dim=32, vocab_size=10240, max_position_embeddings=4096,
              tie_word_embeddings=True, rms_norm_eps=1e-6)
