@@ -34,10 +34,11 @@ def arrivals(with_long: bool, seed=0):
 
 
 class StepLog:
-    """Wall time of each engine step with its prefill and decode tokens, and the model's GPU time per call."""
+    """Wall time of each engine step with its prefill and decode tokens, and the GPU time of the model calls it
+    launched (one rank in this process only)."""
 
     def __init__(self, llm):
-        self.steps, self.events = [], []
+        self.steps, self.events = [], []  # steps: (wall seconds, prefill tokens, decode tokens, events before it)
         runner = getattr(llm, "model_runner", None)
         if hasattr(runner, "run_model"):  # one rank, in this process: time its model calls on the GPU
             run_model = runner.run_model
@@ -52,8 +53,12 @@ class StepLog:
             runner.run_model = timed
 
     def gpu_ms(self) -> list[float]:
+        """Per step, the GPU milliseconds of its model calls (nan when they were not timed)."""
+        if not self.events:
+            return [float("nan")] * len(self.steps)
         torch.cuda.synchronize()
-        return [b.elapsed_time(e) for b, e in self.events]
+        bounds = [s[3] for s in self.steps] + [len(self.events)]
+        return [sum(b.elapsed_time(e) for b, e in self.events[first:last]) for first, last in zip(bounds, bounds[1:])]
 
 
 def run_schedule(llm, with_long: bool, log: StepLog | None = None):
@@ -71,11 +76,11 @@ def run_schedule(llm, with_long: bool, log: StepLog | None = None):
         if llm.is_finished():
             time.sleep(max(0.0, pending[0][0] - now))
             continue
-        before = time.perf_counter() - start
+        before, num_events = time.perf_counter() - start, len(log.events) if log else 0
         _, num_prefill, num_decode = llm.step()
         now = time.perf_counter() - start
         if log is not None:
-            log.steps.append((now - before, num_prefill, num_decode))
+            log.steps.append((now - before, num_prefill, num_decode, num_events))
         for seq, _, _, times in tracked:
             times.extend([now] * (seq.num_completion_tokens - len(times)))
     ttft = [times[0] - at for _, at, short, times in tracked if short]
@@ -103,12 +108,10 @@ def measure(model, options, with_long, repeats):
                 steps=step_profile(log.steps, gpu_ms))
 
 
-def step_profile(steps: list[tuple[float, int, int]], gpu_ms: list[float]) -> dict:
-    """Per step kind: count, wall ms p50/p99/max, GPU ms of the model p50/p99; and the slowest steps."""
-    # a step's wall time covers reading the previous step's tokens (async scheduling): pair it with its own model
-    # call only when every step called the model once
-    gpu = gpu_ms if len(gpu_ms) == len(steps) else [float("nan")] * len(steps)
-    rows = [(wall * 1000, prefill, decode, g) for (wall, prefill, decode), g in zip(steps, gpu)]
+def step_profile(steps: list[tuple], gpu_ms: list[float]) -> dict:
+    """Per step kind: count, wall ms p50/p99/max, GPU ms of the model p50/p99; and the slowest steps. With async
+    scheduling a step's wall time also covers waiting for the previous step's tokens."""
+    rows = [(wall * 1000, prefill, decode, g) for (wall, prefill, decode, _), g in zip(steps, gpu_ms)]
     profile = {}
     for kind, chosen in (("decode only", [r for r in rows if not r[1]]), ("with prefill", [r for r in rows if r[1]])):
         if chosen:

@@ -14,6 +14,7 @@ from nanovllm.attention_backend import AttentionBackend
 from nanovllm.config import Config
 from nanovllm.engine.context import Context, set_context
 from nanovllm.engine.kv_compaction import KVCompaction
+from nanovllm.engine.piecewise_graphs import PiecewiseGraphs
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.expert_manager import select_expert_manager
 from nanovllm.kv_retention import select_kv_retention_policy
@@ -177,6 +178,9 @@ def _logprob_rows(packed: torch.Tensor | None) -> list[tuple[int, float, list[tu
             for row in packed.tolist()]
 
 
+# Token counts of the steps with prefill tokens captured in pieces; larger steps run eagerly (their GPU time dwarfs
+# the CPU's launching of their kernels).
+PIECEWISE_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)
 PROFILER_DIR = "NANOVLLM_TORCH_PROFILER_DIR"  # as vLLM's VLLM_TORCH_PROFILER_DIR
 
 
@@ -193,14 +197,18 @@ def _start_profiler() -> torch.profiler.profile | None:
 
 
 def _write_profile(profiler: torch.profiler.profile, rank: int):
-    """The rank's operators and kernels by total time, as rank<N>.txt in the profiler folder."""
+    """The rank's operators and kernels by their own GPU time, then by their own CPU time, as rank<N>.txt in the
+    profiler folder."""
     profiler.stop()
     folder = os.environ[PROFILER_DIR]
     os.makedirs(folder, exist_ok=True)
-    sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    averages = profiler.key_averages()
     path = os.path.join(folder, f"rank{rank}.txt")
     with open(path, "w") as f:
-        f.write(profiler.key_averages().table(sort_by=sort_by, row_limit=50, max_name_column_width=80))
+        for device in ("cuda", "cpu") if torch.cuda.is_available() else ("cpu",):
+            f.write(f"By self {device.upper()} time\n")
+            f.write(averages.table(sort_by=f"self_{device}_time_total", row_limit=40, max_name_column_width=80))
+            f.write("\n")
     logger.info("profile of rank %d written to %s", rank, path)
 
 
@@ -245,6 +253,7 @@ class ModelRunner:
         self.prev_sampled: torch.Tensor | None = None  # the last step's sampled token ids, on the device
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode batch size -> captured step
         self.graph_vars: dict[str, torch.Tensor] | None = None  # the captured steps' input and output buffers
+        self.piecewise: PiecewiseGraphs | None = None  # steps with prefill tokens, up to PIECEWISE_SIZES
         self.num_kvcache_blocks = self._allocate_kv_cache(dtype, platform.device_type)
         graphs_safe = backend_cls.cuda_graphs and all(m.cuda_graphs for m in expert_managers)
         if platform.device_type == "cuda" and not config.enforce_eager and graphs_safe:
@@ -359,6 +368,8 @@ class ModelRunner:
             self.graphs[bs] = graph
             torch.cuda.synchronize()
         set_context(None)
+        sizes = [size for size in PIECEWISE_SIZES if size <= config.max_num_batched_tokens]
+        self.piecewise = PiecewiseGraphs(self.model, sizes, self.device, pool)
 
     def _replay_decode(self, inputs: "StepInputs") -> torch.Tensor:
         g = self.graph_vars
@@ -408,7 +419,11 @@ class ModelRunner:
             is_fresh_prefill=bool((inputs.cu_seqlens_q == inputs.cu_seqlens_k).all()),
             compaction=self._compaction(inputs)))
         try:
-            hidden = self.model(self._input_ids(inputs), to_device("positions"))
+            size = self.piecewise.size_for(len(inputs.input_ids)) if self.piecewise and not inputs.compactions else None
+            if size is None:
+                hidden = self.model(self._input_ids(inputs), to_device("positions"))
+            else:
+                hidden = self.piecewise.run(size, self._input_ids(inputs), to_device("positions"))
             return (self.model.compute_logits(hidden[to_device("logits_indices")]),
                     self._prompt_logprobs(hidden, inputs.prompt_logprobs))
         finally:
@@ -531,6 +546,7 @@ class ModelRunner:
             self.profiler = None
         self.graphs.clear()
         self.graph_vars = None
+        self.piecewise = None
         self.attention_layers = []
         self.model = None
         if self.world_size > 1:
