@@ -169,27 +169,34 @@ def test_bad_rows_get_their_own_error(tiny_checkpoint):
     rows = [{"prompt": "Hello"}, {"prompt_token_ids": []}, {"prompt_token_ids": [1, 512]},
             {"prompt": "Hi", "sampling_params": {"temperatur": 0.5}}, {"prompt": "Hi", "sampling_params": {"n": 2}},
             {"prompt": "Hi", "sampling_params": {"stop_token_ids": [600]}}, {},
-            {"prompt": "Hi", "prompt_token_ids": [1]}, {"messages": CHAT}]
+            {"prompt": "Hi", "prompt_token_ids": [1]}, {"messages": CHAT},
+            {"prompt": "Hello", "sampling_params": {"logprobs": 2}}]
     columns = ("prompt", "prompt_token_ids", "messages", "sampling_params")  # nulls where a row has none, as Ray's
     written = predictor(pa.table({name: [row.get(name) for row in rows] for name in columns})).to_pylist()
-    assert [row["error"] for row in written] == [
+    errors = [row["error"] for row in written]
+    assert errors[3].startswith("TypeError: ") and errors[3].endswith("unexpected keyword argument 'temperatur'")
+    assert errors[:3] + errors[4:] == [
         None, "ValueError: prompt is empty; give at least one token",
         "ValueError: token id 512 is outside the vocabulary [0, 512); check the prompt's token ids against this "
         "model's tokenizer",
-        "TypeError: SamplingParams.__init__() got an unexpected keyword argument 'temperatur'",
         "ValueError: n=2: a row is one sample; give one row per sample (with its own seed)",
         "ValueError: token id 600 is outside the vocabulary [0, 512); check stop_token_ids against this model's "
         "tokenizer",
         "ValueError: a row needs one prompt, as one of prompt, prompt_token_ids, messages; it has none",
         "ValueError: a row needs one prompt, as one of prompt, prompt_token_ids, messages; it has prompt, "
-        "prompt_token_ids", None]
+        "prompt_token_ids", None, None]
     llm = predictor.llm
     params = SamplingParams(**DEFAULTS)
     assert written[0]["token_ids"] == llm.generate("Hello", params, use_tqdm=False)[0]["token_ids"]
+    assert written[0]["logprobs"] is None
+    with_logprobs = llm.generate("Hello", SamplingParams(**DEFAULTS, logprobs=2), use_tqdm=False)[0]
+    assert len(written[-1]["logprobs"]) == len(with_logprobs["logprobs"]) == DEFAULTS["max_tokens"]
+    for step, expected in zip(written[-1]["logprobs"], with_logprobs["logprobs"]):  # Arrow's map: (key, value) pairs
+        assert dict(step) == pytest.approx(expected, abs=1e-5)
     thinking_off = llm.chat(CHAT, params, use_tqdm=False, chat_template_kwargs={"enable_thinking": False})[0]
-    assert written[-1]["token_ids"] == thinking_off["token_ids"]
-    assert written[-1]["num_prompt_tokens"] == len(llm.tokenizer.encode(llm.chat_prompt(CHAT, {"enable_thinking":
-                                                                                              False})))
+    assert written[-2]["token_ids"] == thinking_off["token_ids"]
+    thinking_off_prompt = llm.chat_prompt(CHAT, {"enable_thinking": False})
+    assert written[-2]["num_prompt_tokens"] == len(llm.tokenizer.encode(thinking_off_prompt))
     with pytest.raises(ValueError, match=r"input column\(s\) \['text'\] would be overwritten by the output's"):
         predictor(pa.Table.from_pylist([{"prompt": "Hi", "text": "mine"}]))
     llm.exit()
