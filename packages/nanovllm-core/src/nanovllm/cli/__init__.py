@@ -1,8 +1,9 @@
-"""The ``nanovllm`` command: generate, info, bench."""
+"""The ``nanovllm`` command: generate, info, bench, batch."""
 import argparse
 import importlib.metadata
 import json
 import logging
+import os
 import sys
 
 
@@ -48,11 +49,23 @@ def _engine_options(args) -> dict:
     return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
+def _add_sampling_options(parser: argparse.ArgumentParser):
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-k", type=int, default=-1)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--ignore-eos", action="store_true")
+
+
+def _sampling_options(args) -> dict:
+    return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, max_tokens=args.max_tokens,
+                ignore_eos=args.ignore_eos)
+
+
 def cmd_generate(args):
     from nanovllm import LLM, SamplingParams
     llm = LLM(args.model, **_engine_options(args))
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            max_tokens=args.max_tokens, ignore_eos=args.ignore_eos)
+    params = SamplingParams(**_sampling_options(args))
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompts], params, use_tqdm=False)
     else:
@@ -92,6 +105,18 @@ def cmd_bench(args):
         print(json.dumps(result))
 
 
+def cmd_batch(args):
+    if "RAY_ADDRESS" not in os.environ:  # a local cluster's workers run this interpreter, not a uv-built copy
+        os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    from nanovllm.ray_batch import run_job
+    result = run_job(args.input, args.output, args.model, num_workers=args.num_workers, batch_size=args.batch_size,
+                     sampling_params=_sampling_options(args), chat_template_kwargs=args.chat_template_kwargs,
+                     **_engine_options(args))
+    print(f"{result['rows']} rows ({result['errors']} with an error) written to {args.output}: "
+          f"{result['prompt_tokens']} prompt and {result['output_tokens']} output tokens in "
+          f"{result['seconds']:.2f} s, {result['throughput']:.2f} output tok/s")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="nanovllm", description="nanovllm: offline LLM inference")
     parser.add_argument("--version", action="version",
@@ -101,11 +126,7 @@ def main(argv=None):
     generate = commands.add_parser("generate", help="generate text for prompts")
     generate.add_argument("model", help="a local Hugging Face checkpoint folder or a hub id (Qwen/Qwen3-0.6B)")
     generate.add_argument("prompts", nargs="+")
-    generate.add_argument("--temperature", type=float, default=0.0)
-    generate.add_argument("--top-k", type=int, default=-1)
-    generate.add_argument("--top-p", type=float, default=1.0)
-    generate.add_argument("--max-tokens", type=int, default=64)
-    generate.add_argument("--ignore-eos", action="store_true")
+    _add_sampling_options(generate)
     generate.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     _add_engine_options(generate)
     generate.set_defaults(func=cmd_generate)
@@ -124,10 +145,29 @@ def main(argv=None):
     _add_engine_options(bench)
     bench.set_defaults(func=cmd_bench)
 
+    batch = commands.add_parser("batch", help="generate for a JSONL or Parquet file of prompts on a Ray cluster "
+                                              "(RAY_ADDRESS, else a local one), one engine per worker")
+    batch.add_argument("input", help="a .jsonl/.json or .parquet file, or a folder of Parquet files: one row per "
+                                     "prompt, with prompt (text), prompt_token_ids or messages (a chat), and "
+                                     "optionally sampling_params (SamplingParams' keywords over the flags below)")
+    batch.add_argument("output", help="a new folder for the Parquet files of the output rows: the input's columns, "
+                                      "the output's, and error for a row that could not generate")
+    batch.add_argument("--model", required=True, help="a checkpoint folder or hub id that every worker can reach")
+    batch.add_argument("--num-workers", type=_at_least_one,
+                       help="engines, each on tensor_parallel_size GPUs (default: all the cluster's GPUs; 1 without)")
+    batch.add_argument("--batch-size", type=_at_least_one, default=256,
+                       help="rows per engine call: more keeps an engine's running batch full for longer, fewer "
+                            "spreads a short job over the workers and loses less work to a failed one")
+    _add_sampling_options(batch)
+    batch.add_argument("--chat-template-kwargs", type=json.loads, metavar="JSON",
+                       help='for the chat template, e.g. \'{"enable_thinking": false}\' for Qwen3')
+    _add_engine_options(batch)
+    batch.set_defaults(func=cmd_batch)
+
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, TypeError, OSError, RuntimeError) as exc:  # the library's errors on bad input
+    except (ValueError, TypeError, OSError, RuntimeError, ImportError) as exc:  # bad input, a missing extra
         logging.getLogger("nanovllm").debug("traceback", exc_info=True)  # NANOVLLM_LOG_LEVEL=DEBUG shows it
         print(f"error: {exc}", file=sys.stderr)
         return 1

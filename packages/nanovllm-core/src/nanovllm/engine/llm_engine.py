@@ -108,6 +108,12 @@ class LLMEngine:
         self.scheduler.add(seq)
         return seq
 
+    def validate_request(self, prompt, sampling_params: SamplingParams) -> list[int]:
+        """A prompt's token ids, after the checks generate() makes of a prompt and its sampling params (a
+        ValueError or TypeError names what is wrong); queues nothing, so a batch job can fail one bad row alone."""
+        self._validated_params(sampling_params)
+        return self._validated_token_ids(prompt)
+
     def _validated_token_ids(self, prompt) -> list[int]:
         """A prompt's token ids: a string is tokenized; a list, tuple or 1-D integer numpy or torch array is taken
         as token ids, each checked; vLLM's {"prompt": text} and {"prompt_token_ids": ids} are too."""
