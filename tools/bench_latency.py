@@ -9,9 +9,12 @@ p99 of the short requests, which a long prefill stalls unless it is chunked: the
 --repeats runs of the schedule, after one warm-up run. "short alone" runs the short requests
 without the long ones: the latency to compare with. Per setting it also prints where the steps'
 time goes: wall time per step by kind (decode only, or carrying prefill tokens) with the GPU time
-of the model inside it, the slowest steps' make-up, and graphs torch.compile made during timed runs.
+of the model inside it, the slowest steps' make-up, how many engine steps the slowest ITLs spanned,
+Python's garbage-collector pauses, and graphs torch.compile made during timed runs.
 """
 import argparse
+import collections
+import gc
 import json
 import os
 import random
@@ -23,6 +26,7 @@ import torch
 
 SETTINGS = {"short alone": (dict(enable_chunked_prefill=True, max_num_batched_tokens=2048), False),
             "chunked prefill on": (dict(enable_chunked_prefill=True, max_num_batched_tokens=2048), True),
+            "chunked prefill on, small steps": (dict(enable_chunked_prefill=True, max_num_batched_tokens=512), True),
             "chunked prefill off": (dict(enable_chunked_prefill=False, max_num_batched_tokens=8192), True)}
 
 
@@ -40,7 +44,7 @@ class StepLog:
     def __init__(self, llm):
         self.steps, self.events = [], []  # steps: (wall seconds, prefill tokens, decode tokens, events before it)
         runner = getattr(llm, "model_runner", None)
-        if hasattr(runner, "run_model"):  # one rank, in this process: time its model calls on the GPU
+        if torch.cuda.is_available() and hasattr(runner, "run_model"):  # one rank here: time its model calls on the GPU
             run_model = runner.run_model
 
             def timed(inputs):
@@ -65,8 +69,8 @@ def run_schedule(llm, with_long: bool, log: StepLog | None = None):
     """Feed the arrivals on their wall-clock schedule; TTFT and ITL of the short requests, in seconds."""
     from nanovllm import SamplingParams
     pending = arrivals(with_long)
-    tracked = []  # (seq, arrival time, is_short, token times)
-    start = time.perf_counter()
+    tracked = []  # (seq, arrival time, is_short, [(token time, engine step it came with)])
+    start, step_index = time.perf_counter(), 0
     while pending or not llm.is_finished():
         now = time.perf_counter() - start
         while pending and pending[0][0] <= now:
@@ -82,9 +86,12 @@ def run_schedule(llm, with_long: bool, log: StepLog | None = None):
         if log is not None:
             log.steps.append((now - before, num_prefill, num_decode, num_events))
         for seq, _, _, times in tracked:
-            times.extend([now] * (seq.num_completion_tokens - len(times)))
-    ttft = [times[0] - at for _, at, short, times in tracked if short]
-    itl = [b - a for _, _, short, times in tracked if short for a, b in zip(times, times[1:])]
+            times.extend([(now, step_index)] * (seq.num_completion_tokens - len(times)))
+        step_index += 1
+    ttft = [times[0][0] - at for _, at, short, times in tracked if short]
+    # each gap between a short request's tokens, with the engine steps it spans
+    itl = [(b - a, b_step - a_step) for _, _, short, times in tracked if short
+           for (a, a_step), (b, b_step) in zip(times, times[1:])]
     return ttft, itl
 
 
@@ -95,17 +102,43 @@ def measure(model, options, with_long, repeats):
     llm = LLM(model, max_model_len=8192, **options)
     run_schedule(llm, with_long)
     graphs_before = counters["stats"]["unique_graphs"]
-    runs, log = [], StepLog(llm)
+    runs, log, slow_gaps, pauses = [], StepLog(llm), [], GCPauses()
     for _ in range(repeats):
         ttft, itl = run_schedule(llm, with_long, log)
-        runs.append([np.percentile(ttft, 50), np.percentile(ttft, 99), np.percentile(itl, 50), np.percentile(itl, 99)])
+        gaps = np.array([gap for gap, _ in itl])
+        runs.append([np.percentile(ttft, 50), np.percentile(ttft, 99), np.percentile(gaps, 50), np.percentile(gaps, 99)])
+        slow_gaps += [num_steps for gap, num_steps in itl if gap >= runs[-1][3]]
+    pauses.stop()
     gpu_ms = log.gpu_ms()
     llm.exit()
     medians = np.median(np.array(runs) * 1000, axis=0)
     return dict(zip(["ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"], map(float, medians)),
                 runs_ms=(np.array(runs) * 1000).round(1).tolist(),
                 new_compiled_graphs=counters["stats"]["unique_graphs"] - graphs_before,
-                steps=step_profile(log.steps, gpu_ms))
+                # how many engine steps each ITL at or above its run's p99 spanned: 1 is one slow step
+                slow_itl_steps=dict(sorted(collections.Counter(slow_gaps).items())),
+                gc_pauses=pauses.summary(), steps=step_profile(log.steps, gpu_ms))
+
+
+class GCPauses:
+    """Python's garbage-collector pauses from now until stop(): count, total and longest, by generation."""
+
+    def __init__(self):
+        self.pauses, self._started = [], None
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict):
+        if phase == "start":
+            self._started = time.perf_counter()
+        elif self._started is not None:
+            self.pauses.append((info["generation"], time.perf_counter() - self._started))
+
+    def stop(self):
+        gc.callbacks.remove(self._callback)
+
+    def summary(self) -> dict:
+        return {f"gen{g}": dict(count=len(ms), total_ms=round(sum(ms), 1), max_ms=round(max(ms), 1))
+                for g in range(3) if (ms := [p * 1000 for gen, p in self.pauses if gen == g])}
 
 
 def step_profile(steps: list[tuple], gpu_ms: list[float]) -> dict:
@@ -137,15 +170,17 @@ def main():
         results = {name: measure(model, options, with_long, args.repeats)
                    for name, (options, with_long) in SETTINGS.items()}
     for name, r in results.items():
-        print(f"{name:>20} ({SETTINGS[name][0]['max_num_batched_tokens']} tokens/step): TTFT p50 "
+        print(f"{name:>31} ({SETTINGS[name][0]['max_num_batched_tokens']} tokens/step): TTFT p50 "
               f"{r['ttft_p50_ms']:.1f} ms, p99 {r['ttft_p99_ms']:.1f} ms; ITL p50 {r['itl_p50_ms']:.1f} ms, "
               f"p99 {r['itl_p99_ms']:.1f} ms; graphs compiled in timed runs: {r['new_compiled_graphs']}")
+        print(f"{'':>33}ITLs at or above p99, by engine steps spanned: {r['slow_itl_steps']}; GC pauses: "
+              f"{r['gc_pauses']}")
         for kind, p in r["steps"].items():
             if kind != "slowest":
-                print(f"{'':>22}{kind}: {p['steps']} steps, wall p50 {p['wall_p50_ms']:.1f} p99 "
+                print(f"{'':>33}{kind}: {p['steps']} steps, wall p50 {p['wall_p50_ms']:.1f} p99 "
                       f"{p['wall_p99_ms']:.1f} max {p['wall_max_ms']:.1f} ms; model on GPU p50 {p['gpu_p50_ms']:.1f} "
                       f"p99 {p['gpu_p99_ms']:.1f} ms")
-        print(f"{'':>22}slowest: {r['steps']['slowest']}")
+        print(f"{'':>33}slowest: {r['steps']['slowest']}")
     print(f"SUMMARY {device}: " + json.dumps(results))
     if args.json:
         with open(args.json, "w") as f:
