@@ -6,7 +6,8 @@ Requests arrive on a fixed wall-clock schedule: a short one (128-token prompt, 6
 every 25 ms and a long one (7,000-token prompt, 16 output tokens) every 250 ms, 64 short and 8 long
 in all. For each setting it prints time to first token (TTFT) and inter-token latency (ITL) p50 and
 p99 of the short requests, which a long prefill stalls unless it is chunked: the median over
---repeats runs of the schedule, after one warm-up run. "short alone" runs the short requests
+--repeats runs of the schedule, after one warm-up run, each run with new random prompts (so that none
+is served from the prefix cache). "short alone" runs the short requests
 without the long ones: the latency to compare with. Per setting it also prints where the steps'
 time goes: wall time per step by kind (decode only, or carrying prefill tokens) with the GPU time
 of the model inside it, the slowest steps' make-up, how many engine steps the slowest ITLs spanned,
@@ -65,10 +66,10 @@ class StepLog:
         return [sum(b.elapsed_time(e) for b, e in self.events[first:last]) for first, last in zip(bounds, bounds[1:])]
 
 
-def run_schedule(llm, with_long: bool, log: StepLog | None = None):
+def run_schedule(llm, with_long: bool, log: StepLog | None = None, seed: int = 0):
     """Feed the arrivals on their wall-clock schedule; TTFT and ITL of the short requests, in seconds."""
     from nanovllm import SamplingParams
-    pending = arrivals(with_long)
+    pending = arrivals(with_long, seed)
     tracked = []  # (seq, arrival time, is_short, [(token time, engine step it came with)])
     start, step_index = time.perf_counter(), 0
     while pending or not llm.is_finished():
@@ -103,8 +104,8 @@ def measure(model, options, with_long, repeats):
     run_schedule(llm, with_long)
     graphs_before = counters["stats"]["unique_graphs"]
     runs, log, slow_gaps, pauses = [], StepLog(llm), [], GCPauses()
-    for _ in range(repeats):
-        ttft, itl = run_schedule(llm, with_long, log)
+    for run in range(1, repeats + 1):  # new prompts each run: none comes from the prefix cache
+        ttft, itl = run_schedule(llm, with_long, log, seed=run)
         gaps = np.array([gap for gap, _ in itl])
         runs.append([np.percentile(ttft, 50), np.percentile(ttft, 99), np.percentile(gaps, 50), np.percentile(gaps, 99)])
         slow_gaps += [num_steps for gap, num_steps in itl if gap >= runs[-1][3]]

@@ -128,3 +128,24 @@ def test_logprobs_and_prompt_logprobs_match_hf(tiny_checkpoint):
         assert out["prompt_logprobs"][0] is None and len(got) == len(tokens) - 1
         expected = reference.gather(1, torch.tensor(tokens[1:], device="cuda")[:, None])[:, 0]
         assert (torch.tensor(got, device="cuda") - expected).abs().max().item() < 0.1
+
+
+def test_tokens_unchanged_when_the_gpu_lags_steps_behind(tiny_checkpoint):
+    """Chunks of one long prompt sample nothing, so nothing waits for them: with the GPU held back before every
+    step the CPU runs steps ahead, and each step's inputs must still reach the GPU intact (its pinned staging
+    buffers are refilled only after their copies ran). Same tokens as the same engine with the GPU not held back."""
+    from nanovllm import LLM, SamplingParams
+    path = tiny_checkpoint("qwen3", **GPU_TINY)
+    rng = random.Random(9)
+    prompts = [[rng.randrange(512) for _ in range(1800)]]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    options = dict(max_model_len=2048, max_num_batched_tokens=64, max_num_seqs=4, enable_prefix_caching=False)
+    with LLM(path, **options) as llm:
+        expected = llm.generate(prompts, params, use_tqdm=False)[0]["token_ids"]
+        runner, run_model = llm.model_runner, llm.model_runner.run_model
+
+        def held_back(inputs):
+            torch.cuda._sleep(5_000_000)  # a few milliseconds of GPU time queued ahead of the step
+            return run_model(inputs)
+        runner.run_model = held_back
+        assert llm.generate(prompts, params, use_tqdm=False)[0]["token_ids"] == expected

@@ -249,6 +249,7 @@ class ModelRunner:
             layer.backend = backend_cls(layer.num_heads, layer.head_dim, layer.num_kv_heads, layer.scale, config)
             layer.layer_index = index
         self.pinned: dict[tuple[str, int], torch.Tensor] = {}  # host staging buffers, by field and step parity
+        self.copies_queued: dict[int, torch.cuda.Event] = {}  # by step parity: recorded after a step's launches
         self.num_steps = 0
         self.prev_sampled: torch.Tensor | None = None  # the last step's sampled token ids, on the device
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode batch size -> captured step
@@ -403,6 +404,8 @@ class ModelRunner:
         """Forward one step on this rank; rank 0 gets the logits of the sampling sequences and the prompt
         log-probabilities asked for."""
         self.num_steps += 1
+        if (before_last := self.copies_queued.pop(self.num_steps % 2, None)) is not None:
+            before_last.synchronize()  # its copies from this parity's pinned buffers have run: they may be refilled
 
         def to_device(name):
             return self._to_device(name, getattr(inputs, name))
@@ -455,8 +458,8 @@ class ModelRunner:
     def _staged(self, name: str, array: np.ndarray) -> torch.Tensor:
         """``array`` as a tensor; on CUDA in a reused pinned buffer, so its copy to the GPU is asynchronous.
 
-        Buffers alternate by step: a step fills those of the step before last, whose copies are done
-        (its sampled tokens have been read back).
+        Buffers alternate by step: a step fills those of the step before last once the GPU has run its copies
+        (run_model waits for them: a step that samples nothing is not waited for by reading its tokens).
         """
         if self.device.type != "cuda":
             return torch.from_numpy(array)
@@ -506,6 +509,14 @@ class ModelRunner:
     def execute(self, inputs: StepInputs) -> SampledTokens | None:
         """Run one step; rank 0 samples a token for each sequence that samples and returns without waiting for
         the GPU. Other ranks return None; they get the tokens too, for the next step's placeholders."""
+        try:
+            return self._execute(inputs)
+        finally:
+            if self.device.type == "cuda":
+                self.copies_queued[self.num_steps % 2] = torch.cuda.Event()
+                self.copies_queued[self.num_steps % 2].record()
+
+    def _execute(self, inputs: StepInputs) -> SampledTokens | None:
         logits, prompt_logprobs = self.run_model(inputs)
         host_buffer = self._host_buffer if self.device.type == "cuda" else None
         sampling = inputs.sampling
