@@ -2,10 +2,13 @@
 
     python tools/bench_paged_attention.py [--baseline FILE]
 
-For a few decode shapes (fp16, head size 128, page 256, every sequence at the same length, blocks shuffled):
+For a few decode shapes (fp16, head size 128, page 256, blocks shuffled; every sequence at the same length, or
+one long sequence among short ones, as when a long prompt decodes beside chat requests):
 the kernel with its default key splits, the kernel without splits, flash_attn_with_kvcache on the same cache
 and, with --baseline, the ``paged_attention`` of another file (e.g. an older version, to compare in one run).
-Times from triton.testing.do_bench; each output's largest difference from flash-attn 2's is printed beside it.
+Times from triton.testing.do_bench of each call captured in a CUDA graph, as decode steps run it (timed eagerly,
+small shapes measure Python's kernel launches); each output's largest difference from flash-attn 2's is printed
+beside it.
 """
 import argparse
 import importlib.util
@@ -13,8 +16,9 @@ import importlib.util
 import torch
 from triton.testing import do_bench
 
-# (query heads, KV heads, sequences, tokens per sequence)
-SHAPES = [(16, 8, 1, 4096), (16, 8, 4, 4096), (16, 8, 16, 2048), (32, 8, 1, 8192), (16, 8, 128, 1024)]
+# (query heads, KV heads, sequences, tokens of the first sequence, tokens of each other sequence)
+SHAPES = [(16, 8, 1, 4096, 4096), (16, 8, 4, 4096, 4096), (16, 8, 16, 2048, 2048), (32, 8, 1, 8192, 8192),
+          (16, 8, 128, 1024, 1024), (16, 8, 16, 7000, 256), (16, 8, 64, 7000, 256)]
 HEAD_DIM, PAGE = 128, 256
 
 
@@ -23,6 +27,16 @@ def load_paged_attention(path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.paged_attention
+
+
+def in_graph(run):
+    """``run`` captured in a CUDA graph (after a warm-up call): its replay."""
+    run()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    return graph.replay
 
 
 def main():
@@ -34,13 +48,14 @@ def main():
     from nanovllm.kernels.paged_attention import key_splits, paged_attention
     torch.manual_seed(0)
     print(torch.cuda.get_device_name())
-    for heads, kv_heads, seqs, tokens in SHAPES:
-        blocks_per_seq = -(-tokens // PAGE)
+    for heads, kv_heads, seqs, first_tokens, tokens in SHAPES:
+        blocks_per_seq = -(-max(first_tokens, tokens) // PAGE)
         cache = torch.randn(2, seqs * blocks_per_seq, PAGE, kv_heads, HEAD_DIM, device="cuda", dtype=torch.float16)
         tables = torch.randperm(seqs * blocks_per_seq, device="cuda").view(seqs, blocks_per_seq).int()
         q = torch.randn(seqs, heads, HEAD_DIM, device="cuda", dtype=torch.float16)
         cu_seqlens_q = torch.arange(seqs + 1, device="cuda", dtype=torch.int32)
         lens = torch.full((seqs,), tokens, device="cuda", dtype=torch.int32)
+        lens[0] = first_tokens
         scale = HEAD_DIM ** -0.5
         runs = {
             "ours": lambda: paged_attention(q, cache, cu_seqlens_q, lens, tables, 1, scale),
@@ -51,11 +66,12 @@ def main():
             baseline = load_paged_attention(args.baseline)
             runs["baseline"] = lambda: baseline(q, cache, cu_seqlens_q, lens, tables, 1, scale)
         reference = runs["flash-attn 2"]().float()
-        kv_bytes = 2 * seqs * tokens * kv_heads * HEAD_DIM * 2
-        line = f"{heads}/{kv_heads} heads, {seqs} x {tokens} tokens ({key_splits(seqs, kv_heads, q.device)} splits):"
+        kv_bytes = 2 * (first_tokens + (seqs - 1) * tokens) * kv_heads * HEAD_DIM * 2
+        lengths = f"{seqs} x {tokens}" if first_tokens == tokens else f"1 x {first_tokens} + {seqs - 1} x {tokens}"
+        line = f"{heads}/{kv_heads} heads, {lengths} tokens ({key_splits(seqs, kv_heads, q.device)} splits):"
         for name, run in runs.items():
             error = (run().float() - reference).abs().max().item()
-            ms = do_bench(run)
+            ms = do_bench(in_graph(run))
             line += f"  {name} {ms * 1e3:.0f} us {kv_bytes / ms / 1e6:.0f} GB/s (diff {error:.3f})"
         print(line, flush=True)
 

@@ -76,9 +76,10 @@ def check_interpreted():
                 raise AssertionError(f"{case}, {num_heads} heads over {num_kv_heads}: {exc}") from None
     check(paged_attention, CASES["mixed"], "cpu", torch.float32, head_dim=24, num_heads=6)  # 24: not a power of 2
     check(paged_attention, CASES["decode"], "cpu", torch.float32, head_dim=24, num_heads=6, splits=3)
-    for splits in (2, 3, 16):  # decode with the keys split (16: more splits than some sequences have tiles)
+    # decode with the keys split (a split reads MIN_SPLIT_KEYS or more: 16 is more splits than most sequences use)
+    for splits in (2, 3, 16):
         try:
-            check(paged_attention, CASES["decode"] + [(200, 1)], "cpu", torch.float32, splits=splits)
+            check(paged_attention, CASES["decode"] + [(200, 1), (1700, 1)], "cpu", torch.float32, splits=splits)
         except AssertionError as exc:
             raise AssertionError(f"decode in {splits} splits: {exc}") from None
     for splits in (1, 4):

@@ -15,7 +15,8 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_pt
                             context_lens_ptr, block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h,
                             block_table_stride, num_tokens, num_heads, scale, NUM_KV_HEADS: tl.constexpr,
                             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+                            MIN_SPLIT_KEYS: tl.constexpr):
     """One program per (sequence, KV head, tile of query tokens, split of the keys). A tile's rows are its
     tokens times the GROUP query heads that share the KV head, so each K/V tile is read once for all of
     them. With SPLITS > 1 (decode only) each program writes its split's output and log-sum-exp for
@@ -42,7 +43,8 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_pt
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         end = tl.minimum(k_len, k_len - q_len + first + TOKENS)
-        chunk = tl.cdiv(tl.cdiv(end, SPLITS), BLOCK_N) * BLOCK_N
+        # a split reads at least MIN_SPLIT_KEYS keys: short sequences use fewer splits than they are given
+        chunk = tl.maximum(tl.cdiv(tl.cdiv(end, SPLITS), BLOCK_N) * BLOCK_N, MIN_SPLIT_KEYS)
         for start in range(split * chunk, tl.minimum(end, (split + 1) * chunk), BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
@@ -96,11 +98,16 @@ def _combine_splits_kernel(partial_ptr, lse_ptr, out_ptr, num_tokens, num_heads,
              mask=offs_d < HEAD_DIM)
 
 
+MIN_SPLIT_KEYS = 512  # fewer keys per split cost more in programs and partial outputs than they save
+
+
 def key_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
-    """Splits of the keys for a decode: enough programs for some two per SM when the batch is small."""
+    """Splits of the keys for a decode: some eight programs per SM when the batch is small, so that one long
+    sequence among short ones is read by many SMs (a decode graph fixes the splits before the lengths are known;
+    a short sequence's unused splits end at once)."""
     if device.type != "cuda":
         return 1
-    return max(1, min(16, 2 * multiprocessors(device) // (num_seqs * num_kv_heads)))
+    return max(1, min(16, 8 * multiprocessors(device) // (num_seqs * num_kv_heads)))
 
 
 def tile_config(block_m: int, block_d: int, device: torch.device) -> dict:
@@ -145,7 +152,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
         q, kv_cache[0], kv_cache[1], out, partial, lse, cu_seqlens_q, context_lens, block_tables, q.stride(0),
         q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), num_tokens, num_heads, scale,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page, BLOCK_M=block_m,
-        SPLITS=splits, **tile_config(block_m, block_d, q.device))
+        SPLITS=splits, MIN_SPLIT_KEYS=MIN_SPLIT_KEYS, **tile_config(block_m, block_d, q.device))
     if splits > 1:
         _combine_splits_kernel[(num_tokens, num_heads)](
             partial, lse, out, num_tokens, num_heads, out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d,
