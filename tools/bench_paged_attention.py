@@ -46,6 +46,7 @@ def main():
     from flash_attn import flash_attn_with_kvcache
 
     from nanovllm.kernels.paged_attention import key_splits, paged_attention
+    baseline = load_paged_attention(args.baseline) if args.baseline else None
     torch.manual_seed(0)
     print(torch.cuda.get_device_name())
     for heads, kv_heads, seqs, first_tokens, tokens in SHAPES:
@@ -62,8 +63,7 @@ def main():
             "ours, no splits": lambda: paged_attention(q, cache, cu_seqlens_q, lens, tables, 1, scale, 1),
             "flash-attn 2": lambda: flash_attn_with_kvcache(q.unsqueeze(1), cache[0], cache[1], cache_seqlens=lens,
                                                            block_table=tables, causal=True).squeeze(1)}
-        if args.baseline:
-            baseline = load_paged_attention(args.baseline)
+        if baseline:
             runs["baseline"] = lambda: baseline(q, cache, cu_seqlens_q, lens, tables, 1, scale)
         reference = runs["flash-attn 2"]().float()
         kv_bytes = 2 * (first_tokens + (seqs - 1) * tokens) * kv_heads * HEAD_DIM * 2

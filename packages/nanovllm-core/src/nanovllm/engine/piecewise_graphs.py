@@ -10,11 +10,11 @@ from nanovllm.layers import attention
 class _Pieces:
     """One padded token count: pieces[i] runs the model up to attention call i; the last piece runs to the end."""
 
-    def __init__(self):
+    def __init__(self, pool):
         self.pieces: list[torch.cuda.CUDAGraph] = []
         self.attention_calls: list[tuple] = []  # (layer, q, k, v, out): static tensors read and written in the gaps
         self.hidden: torch.Tensor | None = None
-        self.pool = None
+        self.pool = pool  # the memory pool the pieces allocate from (None: a new one)
 
     def begin(self):
         self.pieces.append(torch.cuda.CUDAGraph())
@@ -56,8 +56,7 @@ class PiecewiseGraphs:
                 set_context(_one_fresh_prompt(size, device))
                 try:
                     model(self.input_ids[:size], self.positions[:size])  # compile for this size outside the graph
-                    graph = self.graphs[size] = _Pieces()
-                    graph.pool = pool
+                    graph = self.graphs[size] = _Pieces(pool)
                     attention.piecewise_capture = graph
                     graph.begin()
                     graph.hidden = model(self.input_ids[:size], self.positions[:size])
@@ -68,7 +67,6 @@ class PiecewiseGraphs:
                     set_context(None)
         torch.cuda.current_stream(device).wait_stream(stream)
         torch.cuda.synchronize(device)
-        self.pool = pool
 
     def size_for(self, num_tokens: int) -> int | None:
         """The smallest captured size that holds ``num_tokens``; None when none does."""

@@ -234,9 +234,10 @@ class Scheduler:
         sequences that stop or reached their length; returns them. ``stop_string_hit(seq, end)`` says whether the
         output's first ``end - num_prompt_tokens`` tokens complete one of its stop strings. ``logprobs`` and
         ``prompt_logprobs``: the step's rows of them, where asked (see SampledTokens)."""
-        for (i, position), (target, logprob, top) in zip(batch.prompt_logprob_positions(), prompt_logprobs or ()):
-            seq = batch.seqs[i]  # a position computed twice (after a preemption) gets the same entry again
-            seq.prompt_logprobs[position + 1] = dict(top[:seq.sampling_params.prompt_logprobs]) | {target: logprob}
+        if prompt_logprobs:  # the positions are only looked for in steps that computed some
+            for (i, position), (target, logprob, top) in zip(batch.prompt_logprob_positions(), prompt_logprobs):
+                seq = batch.seqs[i]  # a position computed twice (after a preemption) gets the same entry again
+                seq.prompt_logprobs[position + 1] = dict(top[:seq.sampling_params.prompt_logprobs]) | {target: logprob}
         finished = []
         sampling = (i for i, samples in enumerate(batch.sampling) if samples)
         for row, (i, token_id) in enumerate(zip(sampling, sampled_token_ids)):
