@@ -5,7 +5,8 @@
 Requests arrive on a fixed wall-clock schedule: a short one (128-token prompt, 64 output tokens)
 every 25 ms and a long one (7,000-token prompt, 16 output tokens) every 250 ms, 64 short and 8 long
 in all. For each setting it prints time to first token (TTFT) and inter-token latency (ITL) p50 and
-p99 of the short requests, which a long prefill stalls unless it is chunked: the median over
+p99 of the short requests, which a long prefill stalls unless it is chunked (and, with
+long_prefill_token_threshold, computed a few hundred tokens per step): the median over
 --repeats runs of the schedule, after one warm-up run, each run with new random prompts (so that none
 is served from the prefix cache). "short alone" runs the short requests
 without the long ones: the latency to compare with. Per setting it also prints where the steps'
@@ -28,6 +29,8 @@ import torch
 SETTINGS = {"short alone": (dict(enable_chunked_prefill=True, max_num_batched_tokens=2048), False),
             "chunked prefill on": (dict(enable_chunked_prefill=True, max_num_batched_tokens=2048), True),
             "chunked prefill on, small steps": (dict(enable_chunked_prefill=True, max_num_batched_tokens=512), True),
+            "chunked on, prompts capped at 256": (dict(enable_chunked_prefill=True, max_num_batched_tokens=2048,
+                                                       long_prefill_token_threshold=256), True),
             "chunked prefill off": (dict(enable_chunked_prefill=False, max_num_batched_tokens=8192), True)}
 
 

@@ -1,4 +1,5 @@
-"""Decode attention alone: core's Triton paged-attention kernel against flash-attn 2's flash_attn_with_kvcache.
+"""Attention alone: core's Triton paged-attention kernel against flash-attn 2's, for decode and for steps with a
+prompt chunk.
 
     python tools/bench_paged_attention.py [--baseline FILE]
 
@@ -8,7 +9,8 @@ the kernel with its default key splits, the kernel without splits, flash_attn_wi
 and, with --baseline, the ``paged_attention`` of another file (e.g. an older version, to compare in one run).
 Times from triton.testing.do_bench of each call captured in a CUDA graph, as decode steps run it (timed eagerly,
 small shapes measure Python's kernel launches); each output's largest difference from flash-attn 2's is printed
-beside it.
+beside it. Then steps with a prompt chunk (bf16): the kernel as a CUDA graph of such a step runs it, against
+flash_attn_varlen_func over the paged cache as eager steps run it.
 """
 import argparse
 import importlib.util
@@ -43,7 +45,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", help="a file whose paged_attention(q, kv_cache, cu_seqlens_q, ...) to time too")
     args = parser.parse_args()
-    from flash_attn import flash_attn_with_kvcache
+    from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
     from nanovllm.kernels.paged_attention import key_splits, paged_attention
     baseline = load_paged_attention(args.baseline) if args.baseline else None
@@ -74,6 +76,39 @@ def main():
             ms = do_bench(in_graph(run))
             line += f"  {name} {ms * 1e3:.0f} us {kv_bytes / ms / 1e6:.0f} GB/s (diff {error:.3f})"
         print(line, flush=True)
+    print("Steps with prompt tokens: a chunk of C query tokens ending a 7,000-token prompt beside 16 decodes "
+          "over 256 tokens (16/8 heads), as a CUDA graph of the step replays it against flash-attn 2's varlen "
+          "kernel run eagerly")
+    for chunk in PROMPT_CHUNKS:
+        mixed_step(chunk, paged_attention, flash_attn_varlen_func)
+
+
+PROMPT_CHUNKS = (64, 256, 1024, 2048)
+
+
+def mixed_step(chunk: int, paged_attention, flash_attn_varlen_func, heads=16, kv_heads=8, prompt=7000):
+    """One prompt chunk of ``chunk`` queries and 16 decodes: the Triton kernel's time against flash-attn 2's."""
+    lens = [prompt] + [256] * 16
+    q_lens = [chunk] + [1] * 16
+    blocks_per_seq = -(-prompt // PAGE)
+    cache = torch.randn(2, len(lens) * blocks_per_seq, PAGE, kv_heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    tables = torch.randperm(len(lens) * blocks_per_seq, device="cuda").view(len(lens), blocks_per_seq).int()
+    q = torch.randn(sum(q_lens), heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    cu_q = torch.tensor([0] + q_lens, device="cuda").cumsum(0).int()
+    cu_k = torch.tensor([0] + lens, device="cuda").cumsum(0).int()
+    context_lens = cu_k.diff().int()
+    scale = HEAD_DIM ** -0.5
+    runs = {"ours": lambda: paged_attention(q, cache, cu_q, context_lens, tables, chunk, scale),
+            "flash-attn 2": lambda: flash_attn_varlen_func(q, cache[0], cache[1], cu_q, cu_k, chunk, prompt,
+                                                           softmax_scale=scale, causal=True, block_table=tables)}
+    reference = runs["flash-attn 2"]().float()
+    flops = 4 * heads * HEAD_DIM * sum(n * (k - n / 2) for n, k in zip(q_lens, lens))
+    line = f"  chunk {chunk}:"
+    for name, run in runs.items():
+        error = (run().float() - reference).abs().max().item()
+        ms = do_bench(in_graph(run) if name == "ours" else run)
+        line += f"  {name} {ms * 1e3:.0f} us {flops / ms / 1e9:.0f} TFLOP/s (diff {error:.3f})"
+    print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,9 @@ def test_numpy_numbers_are_accepted_as_python_ones():
     (dict(max_num_seqs=True), ValueError, "max_num_seqs=True must be a positive integer"),
     (dict(num_kvcache_blocks=2.5), TypeError, "num_kvcache_blocks=2.5 is a float"),
     (dict(enforce_eager="no"), TypeError, "enforce_eager='no' is a str; give True or False"),
+    (dict(long_prefill_token_threshold=-1), ValueError, "long_prefill_token_threshold=-1 must be a non-negative"),
+    (dict(long_prefill_token_threshold=256, enable_chunked_prefill=False, max_num_batched_tokens=4096,
+          max_model_len=4096), ValueError, "long_prefill_token_threshold=256 .* needs enable_chunked_prefill=True"),
 ])
 def test_engine_options_name_the_bad_value(tiny_checkpoint, options, error, message):
     with pytest.raises(error, match=message):

@@ -27,8 +27,11 @@ def reference(q, k, v, scale):
     return out.transpose(0, 1)
 
 
-def check(module, seqs, device, dtype, head_dim=16, num_heads=4, num_kv_heads=2, page=8, tol=2e-3, splits=None):
-    """seqs: (cached tokens, new tokens) per sequence; K/V of all tokens already in a shuffled paged cache."""
+def check(module, seqs, device, dtype, head_dim=16, num_heads=4, num_kv_heads=2, page=8, tol=2e-3, splits=None,
+          padding=None):
+    """seqs: (cached tokens, new tokens) per sequence; K/V of all tokens already in a shuffled paged cache.
+    ``padding`` (tokens, sequences, max_seqlen_q): laid out as a CUDA graph of a larger step replays it, with
+    padding tokens after the real ones, empty sequences after the real ones and an upper bound for max_seqlen_q."""
     torch.manual_seed(0)
     scale = head_dim ** -0.5
     max_blocks = max(-(-(c + n) // page) for c, n in seqs)
@@ -50,7 +53,15 @@ def check(module, seqs, device, dtype, head_dim=16, num_heads=4, num_kv_heads=2,
     cu_q = torch.tensor([0] + [n for _, n in seqs], device=device).cumsum(0).int()
     context_lens = torch.tensor([c + n for c, n in seqs], device=device, dtype=torch.int32)
     max_q = max(n for _, n in seqs)
-    out = module.paged_attention(torch.cat(queries), kv_cache, cu_q, context_lens, tables, max_q, scale, splits)
+    q = torch.cat(queries)
+    if padding is not None:
+        extra_tokens, extra_seqs, max_q = padding
+        q = torch.cat([q, torch.randn(extra_tokens, num_heads, head_dim, device=device).to(dtype)])
+        cu_q = torch.cat([cu_q, cu_q[-1:].repeat(extra_seqs)])
+        context_lens = torch.cat([context_lens, context_lens.new_zeros(extra_seqs)])
+        tables = torch.cat([tables, tables.new_zeros(extra_seqs, tables.size(1))])
+    out = module.paged_attention(q, kv_cache, cu_q, context_lens, tables, max_q, scale, splits)
+    out = out[:sum(n for _, n in seqs)]
     error = (out.float() - torch.cat(expected)).abs().max().item()
     assert error < tol, f"max error {error}"
 
@@ -84,6 +95,10 @@ def check_interpreted():
             raise AssertionError(f"decode in {splits} splits: {exc}") from None
     for splits in (1, 4):
         check_padding_rows(paged_attention, "cpu", torch.float32, splits)
+    for case in ("mixed", "prefix-cached prefill", "decode"):  # as a captured step of 128 tokens and 9 sequences
+        seqs = CASES[case]
+        check(paged_attention, seqs, "cpu", torch.float32, num_heads=8, num_kv_heads=2,
+              padding=(128 - sum(n for _, n in seqs), 9 - len(seqs), 128))
     real = paged_attention.paged_attention  # and the check fails when the kernel reads the wrong blocks
 
     def shifted_tables(q, kv_cache, cu_q, context_lens, tables, max_q, scale, splits):
@@ -118,6 +133,16 @@ def test_paged_attention_on_gpu_fp16(case, head_dim, heads):
     from nanovllm.kernels import paged_attention
     check(paged_attention, CASES[case], "cuda", torch.float16, head_dim=head_dim, num_heads=heads[0],
           num_kv_heads=heads[1], page=16, tol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES)
+def test_paged_attention_padded_as_a_graph_on_gpu(case):
+    """The layout a CUDA graph of a 512-token, 32-sequence step replays: padding tokens and empty sequences."""
+    from nanovllm.kernels import paged_attention
+    seqs = CASES[case]
+    check(paged_attention, seqs, "cuda", torch.bfloat16, head_dim=128, num_heads=16, num_kv_heads=8, page=16,
+          tol=5e-2, padding=(512 - sum(n for _, n in seqs), 32 - len(seqs), 512))
 
 
 @pytest.mark.gpu

@@ -18,9 +18,10 @@ EOS = 2
 
 
 def make_scheduler(num_blocks=64, block_size=4, max_num_seqs=16, max_num_batched_tokens=64, max_model_len=1024,
-                   chunked=True, prefix=False, eos=(EOS,)):
+                   chunked=True, prefix=False, eos=(EOS,), long_prefill_token_threshold=0):
     config = SimpleNamespace(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                              max_model_len=max_model_len, enable_chunked_prefill=chunked,
+                             long_prefill_token_threshold=long_prefill_token_threshold,
                              eos_token_ids=frozenset(eos), kvcache_block_size=block_size,
                              enable_prefix_caching=prefix)
     sched = Scheduler(config, num_blocks)
@@ -232,6 +233,24 @@ def test_running_decodes_are_not_starved_by_a_long_prompt():
         assert pairs(batch)[3] == (long, 13)
         assert [len(s) for s in decoders] == [n + i for n in lengths]
     assert long.num_computed_tokens == 7 * 13
+
+
+def test_long_prefill_token_threshold_caps_each_prompt_so_a_new_short_one_starts_at_once():
+    sched = make_scheduler(max_num_batched_tokens=16, long_prefill_token_threshold=5)
+    dec = make_seq(sched, 2, start=100, max_tokens=8)
+    step(sched)
+    long = make_seq(sched, 40, start=200, max_tokens=4)
+    batch, _ = step(sched)
+    assert pairs(batch) == [(dec, 1), (long, 5)]
+    short = make_seq(sched, 3, start=300, max_tokens=4)
+    batch, _ = step(sched)
+    assert pairs(batch) == [(dec, 1), (long, 5), (short, 3)]  # without the cap the long prompt took the budget
+    other_long = make_seq(sched, 9, start=400, max_tokens=4)
+    batch, _ = step(sched)
+    assert pairs(batch) == [(dec, 1), (short, 1), (long, 5), (other_long, 5)]
+    drive(sched)
+    assert [s.num_completion_tokens for s in (dec, long, short, other_long)] == [8, 4, 4, 4]
+    assert_all_blocks_free(sched)
 
 
 def test_without_chunked_prefill_a_prompt_is_scheduled_whole_or_not_at_all():
@@ -511,6 +530,10 @@ def test_a_preempted_compacted_sequence_stops_at_its_prompt_then_recomputes_the_
 
 def test_a_window_that_may_not_fit_a_step_is_refused():
     config = SimpleNamespace(max_num_seqs=6, max_num_batched_tokens=8, max_model_len=64, enable_chunked_prefill=True,
-                             eos_token_ids=frozenset(), kvcache_block_size=4, enable_prefix_caching=False)
+                             eos_token_ids=frozenset(), kvcache_block_size=4, enable_prefix_caching=False,
+                             long_prefill_token_threshold=0)
     with pytest.raises(ValueError, match="reads the last 5 queries of a prompt in one step.*raise max_num_batched_tokens"):
+        Scheduler.check_retention(config, KeepThree(None))
+    config.max_num_batched_tokens, config.long_prefill_token_threshold = 64, 4
+    with pytest.raises(ValueError, match="more than long_prefill_token_threshold=4.*raise the threshold to 5"):
         Scheduler.check_retention(config, KeepThree(None))

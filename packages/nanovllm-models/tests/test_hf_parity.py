@@ -14,6 +14,7 @@ MODES = {
     "sync-scheduling": dict(async_scheduling=False),
     "sync-preemption": dict(async_scheduling=False, num_kvcache_blocks=12, max_model_len=96),
     "no-chunked-prefill": dict(enable_chunked_prefill=False, max_num_batched_tokens=128, max_num_seqs=8),
+    "long-prefill-threshold": dict(long_prefill_token_threshold=8),
 }
 
 

@@ -7,10 +7,10 @@ from nanovllm.platform import flash_attn_version
 
 
 class FlashAttention2(nanovllm.AttentionBackend):
-    """Prefill and mixed batches with ``flash_attn_varlen_func`` over the paged cache (``block_table``); pure
-    decode with core's Triton paged-attention kernel (one program per KV head, keys split at small batches),
-    with which the throughput benchmark runs faster than with ``flash_attn_with_kvcache`` on an H200; K and V
-    stored by core's Triton kernel."""
+    """Prefill and mixed batches run eagerly with ``flash_attn_varlen_func`` over the paged cache
+    (``block_table``); decode and steps replayed from CUDA graphs with core's Triton paged-attention kernel (its
+    grid is fixed by the shapes; decode keys split at small batches), with which the throughput benchmark runs
+    faster than with ``flash_attn_with_kvcache`` on an H200; K and V stored by core's Triton kernel."""
 
     name = "fa2"
     priority = 100
@@ -40,9 +40,9 @@ class FlashAttention2(nanovllm.AttentionBackend):
                                 context.max_seqlen_q, softmax_scale=self.scale, causal=True)
         self._store_kv(k, v, kv_cache, context.slot_mapping)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        if context.is_decode:
-            return self._paged(q, kv_cache, context.cu_seqlens_q, context.context_lens, context.block_tables, 1,
-                               self.scale)
+        if context.is_decode or context.captured:
+            return self._paged(q, kv_cache, context.cu_seqlens_q, context.context_lens, context.block_tables,
+                               context.max_seqlen_q, self.scale)
         return self._varlen(q, k_cache, v_cache, context.cu_seqlens_q, context.cu_seqlens_k, context.max_seqlen_q,
                             context.max_seqlen_k, softmax_scale=self.scale, causal=True,
                             block_table=context.block_tables)

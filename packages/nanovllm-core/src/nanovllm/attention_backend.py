@@ -25,7 +25,8 @@ class AttentionBackend:
     dtypes: tuple[torch.dtype, ...] = (torch.float16, torch.bfloat16, torch.float32)
     head_sizes: tuple[int, ...] | None = None  # None: any
     block_size_multiple: int = 1
-    cuda_graphs: bool = False  # decode steps may be captured in CUDA graphs (no host syncs in forward)
+    cuda_graphs: bool = False  # steps may be captured in CUDA graphs: no host syncs in forward, and a grid
+    # fixed by the shapes when Context.captured
 
     def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float, config):
         self.num_heads = num_heads

@@ -90,6 +90,8 @@ class Config:
     enforce_eager: bool = option(False, "no CUDA graphs")
     enable_prefix_caching: bool = option(True, "reuse KV blocks of shared prompt prefixes")
     enable_chunked_prefill: bool = option(True, "split long prompts over steps, mixed with decodes")
+    long_prefill_token_threshold: int = option(0, "chunked prefill: most tokens one prompt computes per step, so "
+                                                  "that decodes and short prompts are not held up (0: no cap)")
     async_scheduling: bool = option(True, "prepare step N+1 while step N runs")
     dtype: str = option("auto", "auto (the checkpoint's), float16, bfloat16 or float32")
     attention_backend: str | None = option(None, "an attention backend by name (default: the best installed)")
@@ -163,6 +165,12 @@ class Config:
         self.max_model_len = min(self.max_model_len, model_max)
         if self.seed is not None:
             self.seed = checked_seed("seed", self.seed)
+        threshold = self.long_prefill_token_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold={threshold!r} must be a non-negative integer (0: no cap)")
+        if threshold and not self.enable_chunked_prefill:
+            raise ValueError(f"long_prefill_token_threshold={threshold} splits prompts over steps, which needs "
+                             f"enable_chunked_prefill=True; set that or leave the threshold at 0")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} is below max_model_len="
                              f"{self.max_model_len} with chunked prefill off: a long prompt could never be "

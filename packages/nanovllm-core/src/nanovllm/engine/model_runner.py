@@ -14,7 +14,7 @@ from nanovllm.attention_backend import AttentionBackend
 from nanovllm.config import Config
 from nanovllm.engine.context import Context, set_context
 from nanovllm.engine.kv_compaction import KVCompaction
-from nanovllm.engine.piecewise_graphs import PiecewiseGraphs
+from nanovllm.engine.cuda_graphs import CudaGraphs
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.expert_manager import select_expert_manager
 from nanovllm.kv_retention import select_kv_retention_policy
@@ -178,9 +178,6 @@ def _logprob_rows(packed: torch.Tensor | None) -> list[tuple[int, float, list[tu
             for row in packed.tolist()]
 
 
-# Token counts of the steps with prefill tokens captured in pieces; larger steps run eagerly (their GPU time dwarfs
-# the CPU's launching of their kernels).
-PIECEWISE_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)
 PROFILER_DIR = "NANOVLLM_TORCH_PROFILER_DIR"  # as vLLM's VLLM_TORCH_PROFILER_DIR
 
 
@@ -252,13 +249,14 @@ class ModelRunner:
         self.copies_queued: dict[int, torch.cuda.Event] = {}  # by step parity: recorded after a step's launches
         self.num_steps = 0
         self.prev_sampled: torch.Tensor | None = None  # the last step's sampled token ids, on the device
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode batch size -> captured step
-        self.graph_vars: dict[str, torch.Tensor] | None = None  # the captured steps' input and output buffers
-        self.piecewise: PiecewiseGraphs | None = None  # steps with prefill tokens, up to PIECEWISE_SIZES
+        self.graphs: CudaGraphs | None = None
         self.num_kvcache_blocks = self._allocate_kv_cache(dtype, platform.device_type)
         graphs_safe = backend_cls.cuda_graphs and all(m.cuda_graphs for m in expert_managers)
         if platform.device_type == "cuda" and not config.enforce_eager and graphs_safe:
-            self._capture_cuda_graphs()
+            with torch.inference_mode():
+                self.graphs = CudaGraphs(self.model, config.max_num_seqs, config.max_num_batched_tokens,
+                                         config.max_model_len, self.block_size, config.hf_config.hidden_size, dtype,
+                                         self.device)
         if platform.device_type == "cuda":
             self._warmup_sampler()
         if config.seed is not None:  # after the warm-ups: the first request sees the seeded state
@@ -343,51 +341,6 @@ class ModelRunner:
         torch.cuda.synchronize()
 
     @torch.inference_mode()
-    def _capture_cuda_graphs(self):
-        """Capture decode steps for a ladder of batch sizes; a step replays the smallest that fits."""
-        config = self.config
-        max_bs = min(config.max_num_seqs, 512)
-        max_blocks = -(-config.max_model_len // self.block_size)
-        self.graph_sizes = sorted({1, 2, 4, 8, *range(16, max_bs + 1, 16), max_bs})
-        g = self.graph_vars = dict(
-            input_ids=torch.zeros(max_bs, dtype=torch.int64, device=self.device),
-            positions=torch.zeros(max_bs, dtype=torch.int64, device=self.device),
-            slot_mapping=torch.full((max_bs,), -1, dtype=torch.int64, device=self.device),
-            context_lens=torch.zeros(max_bs, dtype=torch.int32, device=self.device),
-            block_tables=torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=self.device),
-            cu_seqlens=torch.arange(max_bs + 1, dtype=torch.int32, device=self.device),
-            hidden=torch.zeros(max_bs, config.hf_config.hidden_size, dtype=config.torch_dtype, device=self.device))
-        pool = None
-        for bs in reversed(self.graph_sizes):
-            set_context(Context(g["cu_seqlens"][:bs + 1], g["cu_seqlens"][:bs + 1], 1, config.max_model_len,
-                                g["slot_mapping"][:bs], g["context_lens"][:bs], g["block_tables"][:bs], True))
-            g["hidden"][:bs] = self.model(g["input_ids"][:bs], g["positions"][:bs])  # warm-up outside the graph
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool):
-                g["hidden"][:bs] = self.model(g["input_ids"][:bs], g["positions"][:bs])
-            pool = pool or graph.pool()
-            self.graphs[bs] = graph
-            torch.cuda.synchronize()
-        set_context(None)
-        sizes = [size for size in PIECEWISE_SIZES if size <= config.max_num_batched_tokens]
-        self.piecewise = PiecewiseGraphs(self.model, sizes, self.device, pool)
-
-    def _replay_decode(self, inputs: "StepInputs") -> torch.Tensor:
-        g = self.graph_vars
-        bs = len(inputs.input_ids)
-        graph_bs = next(size for size in self.graph_sizes if size >= bs)
-        g["input_ids"][:bs].copy_(self._input_ids(inputs))
-        g["positions"][:bs].copy_(self._staged("positions", inputs.positions), non_blocking=True)
-        g["slot_mapping"].fill_(-1)
-        g["slot_mapping"][:bs].copy_(self._staged("slot_mapping", inputs.slot_mapping), non_blocking=True)
-        g["context_lens"].zero_()
-        g["context_lens"][:bs].copy_(self._staged("context_lens", np.diff(inputs.cu_seqlens_k)), non_blocking=True)
-        g["block_tables"][:bs, :inputs.block_tables.shape[1]].copy_(
-            self._staged("block_tables", inputs.block_tables), non_blocking=True)
-        self.graphs[graph_bs].replay()
-        return g["hidden"][:bs]
-
-    @torch.inference_mode()
     def _warmup_sampler(self):
         """Compile the sampler now, as steps call it, for one row and for many (torch.compile
         specialises size 1); otherwise the first run pays for the compilation."""
@@ -409,28 +362,26 @@ class ModelRunner:
 
         def to_device(name):
             return self._to_device(name, getattr(inputs, name))
-        if (self.graphs and inputs.is_decode and len(inputs.input_ids) <= self.graph_sizes[-1]
-                and inputs.prompt_logprobs is None):
-            return self.model.compute_logits(self._replay_decode(inputs)[to_device("logits_indices")]), None
-        seqlens_k = np.diff(inputs.cu_seqlens_k)
-        cu_seqlens_k = to_device("cu_seqlens_k")
-        set_context(Context(
-            cu_seqlens_q=to_device("cu_seqlens_q"), cu_seqlens_k=cu_seqlens_k,
-            max_seqlen_q=int(np.diff(inputs.cu_seqlens_q).max()), max_seqlen_k=int(seqlens_k.max()),
-            slot_mapping=to_device("slot_mapping"), context_lens=cu_seqlens_k.diff(),
-            block_tables=to_device("block_tables"), is_decode=inputs.is_decode,
-            is_fresh_prefill=bool((inputs.cu_seqlens_q == inputs.cu_seqlens_k).all()),
-            compaction=self._compaction(inputs)))
-        try:
-            size = self.piecewise.size_for(len(inputs.input_ids)) if self.piecewise and not inputs.compactions else None
-            if size is None:
-                hidden = self.model(self._input_ids(inputs), to_device("positions"))
-            else:
-                hidden = self.piecewise.run(size, self._input_ids(inputs), to_device("positions"))
-            return (self.model.compute_logits(hidden[to_device("logits_indices")]),
-                    self._prompt_logprobs(hidden, inputs.prompt_logprobs))
-        finally:
-            set_context(None)
+        input_ids, hidden = self._input_ids(inputs), None
+        if self.graphs is not None and not inputs.compactions:
+            hidden = self.graphs.run(input_ids, inputs.positions, inputs.cu_seqlens_q,
+                                     inputs.cu_seqlens_k, inputs.slot_mapping, inputs.block_tables, self._staged)
+        if hidden is None:
+            seqlens_k = np.diff(inputs.cu_seqlens_k)
+            cu_seqlens_k = to_device("cu_seqlens_k")
+            set_context(Context(
+                cu_seqlens_q=to_device("cu_seqlens_q"), cu_seqlens_k=cu_seqlens_k,
+                max_seqlen_q=int(np.diff(inputs.cu_seqlens_q).max()), max_seqlen_k=int(seqlens_k.max()),
+                slot_mapping=to_device("slot_mapping"), context_lens=cu_seqlens_k.diff(),
+                block_tables=to_device("block_tables"), is_decode=inputs.is_decode,
+                is_fresh_prefill=bool((inputs.cu_seqlens_q == inputs.cu_seqlens_k).all()),
+                compaction=self._compaction(inputs)))
+            try:
+                hidden = self.model(input_ids, to_device("positions"))
+            finally:
+                set_context(None)
+        return (self.model.compute_logits(hidden[to_device("logits_indices")]),
+                self._prompt_logprobs(hidden, inputs.prompt_logprobs))
 
     def _prompt_logprobs(self, hidden: torch.Tensor, asked: PromptLogprobInputs | None) -> torch.Tensor | None:
         """Rank 0's packed log-probabilities of the asked positions' next prompt tokens, a slice of rows at a time."""
@@ -555,9 +506,7 @@ class ModelRunner:
         if self.profiler is not None:
             _write_profile(self.profiler, self.rank)
             self.profiler = None
-        self.graphs.clear()
-        self.graph_vars = None
-        self.piecewise = None
+        self.graphs = None
         self.attention_layers = []
         self.model = None
         if self.world_size > 1:

@@ -73,6 +73,7 @@ class Scheduler:
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = config.max_model_len
         self.enable_chunked_prefill = config.enable_chunked_prefill
+        self.max_prompt_chunk = config.long_prefill_token_threshold or config.max_num_batched_tokens
         self.eos_token_ids = config.eos_token_ids
         self.block_manager = BlockManager(num_kvcache_blocks, config.kvcache_block_size, config.enable_prefix_caching)
         self.retention = retention
@@ -83,6 +84,11 @@ class Scheduler:
     @staticmethod
     def check_retention(config: Config, retention: KVRetentionPolicy):
         """A policy's window must fit the tokens a step has for one prompt when every other sequence decodes."""
+        threshold = config.long_prefill_token_threshold
+        if threshold and retention.window > threshold:
+            raise ValueError(f"the KV-retention policy {retention.name!r} reads the last {retention.window} queries of "
+                             f"a prompt in one step, more than long_prefill_token_threshold={threshold} lets a prompt "
+                             f"compute: raise the threshold to {retention.window} or more")
         room = config.max_num_batched_tokens - config.max_num_seqs + 1
         if retention.window > room:
             raise ValueError(f"the KV-retention policy {retention.name!r} reads the last {retention.window} queries of "
@@ -178,8 +184,9 @@ class Scheduler:
     def _chunk(self, seq: Sequence, start: int, budget: int) -> tuple[int, int]:
         """Tokens to compute from position ``start`` in ``budget``, and the KV entries to keep after them (0: no
         compaction). A chunk that reaches the prompt's end stops there when the prompt is compacted, and no chunk
-        ends inside the policy's window, whose queries must all be computed in the compacting step."""
-        num_tokens = min(len(seq) - start, budget)
+        ends inside the policy's window, whose queries must all be computed in the compacting step. A prompt
+        computes at most long_prefill_token_threshold tokens (when set) per step."""
+        num_tokens = min(len(seq) - start, budget, self.max_prompt_chunk)
         if not self._compacts(seq):
             return num_tokens, 0
         prompt, end = seq.num_prompt_tokens, start + num_tokens

@@ -13,19 +13,33 @@ from nanovllm.kernels import multiprocessors, shared_memory
 @triton.jit
 def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, cu_seqlens_q_ptr,
                             context_lens_ptr, block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h,
-                            block_table_stride, num_tokens, num_heads, scale, NUM_KV_HEADS: tl.constexpr,
+                            block_table_stride, num_tokens, num_heads, num_seqs, scale, NUM_KV_HEADS: tl.constexpr,
                             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-                            MIN_SPLIT_KEYS: tl.constexpr):
-    """One program per (sequence, KV head, tile of query tokens, split of the keys). A tile's rows are its
-    tokens times the GROUP query heads that share the KV head, so each K/V tile is read once for all of
-    them. With SPLITS > 1 (decode only) each program writes its split's output and log-sum-exp for
-    _combine_splits_kernel."""
-    seq = tl.program_id(0)
+                            MIN_SPLIT_KEYS: tl.constexpr, DECODE: tl.constexpr):
+    """One program per (tile of query tokens, KV head, split of the keys). A tile's rows are its tokens times the
+    GROUP query heads that share the KV head, so each K/V tile is read once for all of them. With SPLITS > 1
+    (decode only) each program writes its split's output and log-sum-exp for _combine_splits_kernel. A decode
+    has a tile per sequence; otherwise the tiles are numbered across the batch (sequence i's from
+    cu_seqlens_q[i] // TOKENS + i), so the grid depends on the token and sequence counts, not on the lengths,
+    and a CUDA graph can hold it."""
     kv_head = tl.program_id(1)
-    split = tl.program_id(2) % SPLITS
+    split = tl.program_id(2)
     TOKENS: tl.constexpr = BLOCK_M // GROUP
-    first = tl.program_id(2) // SPLITS * TOKENS
+    if DECODE:
+        seq = tl.program_id(0)
+        first = 0
+    else:
+        tile = tl.program_id(0)
+        seq = 0
+        hi = num_seqs - 1
+        while seq < hi:  # the last sequence whose first tile is at or before this one
+            mid = (seq + hi + 1) // 2
+            if tl.load(cu_seqlens_q_ptr + mid) // TOKENS + mid <= tile:
+                seq = mid
+            else:
+                hi = mid - 1
+        first = (tile - tl.load(cu_seqlens_q_ptr + seq) // TOKENS - seq) * TOKENS
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
     if first < q_len:
@@ -147,12 +161,14 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
     # each K/V tile for more query tokens
     block_m = max(16 if max_seqlen_q == 1 else 64, triton.next_power_of_2(group))
     block_d = max(16, triton.next_power_of_2(head_dim))
-    grid = (num_seqs, num_kv_heads, triton.cdiv(max_seqlen_q, block_m // group) * splits)
+    decode = max_seqlen_q == 1
+    # numbered tiles: a sequence's first may straddle a multiple of the tile's tokens, hence one more per sequence
+    grid = (num_seqs if decode else num_tokens // (block_m // group) + num_seqs, num_kv_heads, splits)
     _paged_attention_kernel[grid](
         q, kv_cache[0], kv_cache[1], out, partial, lse, cu_seqlens_q, context_lens, block_tables, q.stride(0),
-        q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), num_tokens, num_heads, scale,
+        q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), num_tokens, num_heads, num_seqs, scale,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page, BLOCK_M=block_m,
-        SPLITS=splits, MIN_SPLIT_KEYS=MIN_SPLIT_KEYS, **tile_config(block_m, block_d, q.device))
+        SPLITS=splits, MIN_SPLIT_KEYS=MIN_SPLIT_KEYS, DECODE=decode, **tile_config(block_m, block_d, q.device))
     if splits > 1:
         _combine_splits_kernel[(num_tokens, num_heads)](
             partial, lse, out, num_tokens, num_heads, out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d,

@@ -3,8 +3,6 @@ from torch import nn
 
 from nanovllm.engine.context import get_context
 
-piecewise_capture = None  # while a step's graph is captured in pieces: attention runs eagerly between them
-
 
 class Attention(nn.Module):
     """Paged attention over this layer's KV cache; the engine wires in the backend, the cache and the index."""
@@ -21,8 +19,6 @@ class Attention(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q, k, v: [tokens, heads, head_dim]; returns [tokens, heads * head_dim]."""
-        if piecewise_capture is not None:
-            return piecewise_capture.attention_between_pieces(self, q, k, v).flatten(-2)
         context = get_context()
         o = self.backend.forward(q, k, v, self.kv_cache, context)
         if context.compaction is not None:  # prompts complete: keep what the retention policy chooses

@@ -216,6 +216,7 @@ GPU_MODES = {
     "cuda-graphs": dict(),
     "eager": dict(enforce_eager=True),
     "chunked-prefill": dict(max_num_batched_tokens=256, max_num_seqs=8),
+    "long-prefill-threshold": dict(long_prefill_token_threshold=64),  # mixed steps of a few dozen tokens, in graphs
     "preemption": dict(num_kvcache_blocks=5, max_model_len=1024),
     "no-prefix-cache": dict(enable_prefix_caching=False),
     # prompts over 204 tokens keep their first 4 and last 200: decode graphs attend over the kept slots
