@@ -80,13 +80,13 @@ def main():
           "over 256 tokens (16/8 heads), as a CUDA graph of the step replays it against flash-attn 2's varlen "
           "kernel run eagerly")
     for chunk in PROMPT_CHUNKS:
-        mixed_step(chunk, paged_attention, flash_attn_varlen_func)
+        mixed_step(chunk, paged_attention, flash_attn_varlen_func, baseline)
 
 
 PROMPT_CHUNKS = (64, 256, 1024, 2048)
 
 
-def mixed_step(chunk: int, paged_attention, flash_attn_varlen_func, heads=16, kv_heads=8, prompt=7000):
+def mixed_step(chunk: int, paged_attention, flash_attn_varlen_func, baseline=None, heads=16, kv_heads=8, prompt=7000):
     """One prompt chunk of ``chunk`` queries and 16 decodes: the Triton kernel's time against flash-attn 2's."""
     lens = [prompt] + [256] * 16
     q_lens = [chunk] + [1] * 16
@@ -101,12 +101,14 @@ def mixed_step(chunk: int, paged_attention, flash_attn_varlen_func, heads=16, kv
     runs = {"ours": lambda: paged_attention(q, cache, cu_q, context_lens, tables, chunk, scale),
             "flash-attn 2": lambda: flash_attn_varlen_func(q, cache[0], cache[1], cu_q, cu_k, chunk, prompt,
                                                            softmax_scale=scale, causal=True, block_table=tables)}
+    if baseline:
+        runs["baseline"] = lambda: baseline(q, cache, cu_q, context_lens, tables, chunk, scale)
     reference = runs["flash-attn 2"]().float()
     flops = 4 * heads * HEAD_DIM * sum(n * (k - n / 2) for n, k in zip(q_lens, lens))
     line = f"  chunk {chunk}:"
     for name, run in runs.items():
         error = (run().float() - reference).abs().max().item()
-        ms = do_bench(in_graph(run) if name == "ours" else run)
+        ms = do_bench(run if name == "flash-attn 2" else in_graph(run))
         line += f"  {name} {ms * 1e3:.0f} us {flops / ms / 1e9:.0f} TFLOP/s (diff {error:.3f})"
     print(line, flush=True)
 

@@ -93,6 +93,12 @@ def check_interpreted():
             check(paged_attention, CASES["decode"] + [(200, 1), (1700, 1)], "cpu", torch.float32, splits=splits)
         except AssertionError as exc:
             raise AssertionError(f"decode in {splits} splits: {exc}") from None
+    # prompt tokens with the keys split: rows of a tile that see none of a split's keys weigh nothing
+    for splits in (3, 16):
+        try:
+            check(paged_attention, [(1000, 40), (500, 40), (0, 64), (30, 1)], "cpu", torch.float32, splits=splits)
+        except AssertionError as exc:
+            raise AssertionError(f"prompt chunks in {splits} splits: {exc}") from None
     for splits in (1, 4):
         check_padding_rows(paged_attention, "cpu", torch.float32, splits)
     for case in ("mixed", "prefix-cached prefill", "decode"):  # as a captured step of 128 tokens and 9 sequences
@@ -143,6 +149,8 @@ def test_paged_attention_padded_as_a_graph_on_gpu(case):
     seqs = CASES[case]
     check(paged_attention, seqs, "cuda", torch.bfloat16, head_dim=128, num_heads=16, num_kv_heads=8, page=16,
           tol=5e-2, padding=(512 - sum(n for _, n in seqs), 32 - len(seqs), 512))
+    check(paged_attention, seqs + [(3000, 200), (0, 1100)], "cuda", torch.bfloat16, head_dim=128, num_heads=16,
+          num_kv_heads=8, page=16, tol=5e-2, padding=(2048 - sum(n for _, n in seqs) - 1300, 32 - len(seqs), 2048))
 
 
 @pytest.mark.gpu

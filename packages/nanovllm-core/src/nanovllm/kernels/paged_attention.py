@@ -19,7 +19,7 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_pt
                             MIN_SPLIT_KEYS: tl.constexpr, DECODE: tl.constexpr):
     """One program per (tile of query tokens, KV head, split of the keys). A tile's rows are its tokens times the
     GROUP query heads that share the KV head, so each K/V tile is read once for all of them. With SPLITS > 1
-    (decode only) each program writes its split's output and log-sum-exp for _combine_splits_kernel. A decode
+    each program writes its split's output and log-sum-exp for _combine_splits_kernel. A decode
     has a tile per sequence; otherwise the tiles are numbered across the batch (sequence i's from
     cu_seqlens_q[i] // TOKENS + i), so the grid depends on the token and sequence counts, not on the lengths,
     and a CUDA graph can hold it."""
@@ -71,8 +71,8 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_pt
             qk = tl.dot(q, tl.trans(k)) * scale
             visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
             qk = tl.where(visible, qk, float("-inf"))
-            # A split's first key is visible to every row (splits are for decode; without them it is key 0),
-            # so after the first tile each row's maximum is finite.
+            # A row sees its split's first key or none of the split (the keys it sees are a prefix): then its
+            # maximum is finite after the first tile, or it stays NaN and is weighed as having seen nothing below.
             m_new = tl.maximum(m_i, tl.max(qk, 1))
             alpha = tl.exp(m_i - m_new)
             p = tl.exp(qk - m_new[:, None])
@@ -80,7 +80,7 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_pt
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
         mask = m_mask[:, None] & d_mask[None, :]
-        # A row that saw no key (a CUDA graph's padding has context length 0) gets zeros, not 0 / 0
+        # A row that saw no key (a CUDA graph's padding has context length 0) gets zeros, not 0 / 0 or NaN
         out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
         if SPLITS == 1:
             tl.store(out_ptr + (q_start + token)[:, None] * o_stride_t + head[:, None] * o_stride_h + offs_d[None, :],
@@ -115,13 +115,13 @@ def _combine_splits_kernel(partial_ptr, lse_ptr, out_ptr, num_tokens, num_heads,
 MIN_SPLIT_KEYS = 512  # fewer keys per split cost more in programs and partial outputs than they save
 
 
-def key_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
-    """Splits of the keys for a decode: some eight programs per SM when the batch is small, so that one long
-    sequence among short ones is read by many SMs (a decode graph fixes the splits before the lengths are known;
-    a short sequence's unused splits end at once)."""
+def key_splits(num_tiles: int, num_kv_heads: int, device: torch.device) -> int:
+    """Splits of the keys: some eight programs per SM when there are few query tiles (a small decode batch, a
+    short prompt chunk), so that one long sequence among short ones is read by many SMs (a CUDA graph fixes the
+    splits before the lengths are known; a short sequence's unused splits end at once)."""
     if device.type != "cuda":
         return 1
-    return max(1, min(16, 8 * multiprocessors(device) // (num_seqs * num_kv_heads)))
+    return max(1, min(16, 8 * multiprocessors(device) // (num_tiles * num_kv_heads)))
 
 
 def tile_config(block_m: int, block_d: int, device: torch.device) -> dict:
@@ -143,27 +143,26 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
     """Causal attention of each sequence's new queries over its paged cache (new keys already stored).
 
     q: [tokens, heads, head_dim]; kv_cache: [2, blocks, page, kv_heads, head_dim]. Returns [tokens, heads, head_dim].
-    ``splits``: how many parts each sequence's keys are split into for a decode (default: ``key_splits``).
+    ``splits``: how many parts each sequence's keys are split into (default: ``key_splits``).
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, page = kv_cache.shape[3], kv_cache.shape[2]
     num_seqs, group = cu_seqlens_q.numel() - 1, num_heads // num_kv_heads
-    if max_seqlen_q > 1:
-        splits = 1
-    elif splits is None:
-        splits = key_splits(num_seqs, num_kv_heads, q.device)
+    decode = max_seqlen_q == 1
+    # 16 rows is the smallest tile tensor-core dots take (a decode fills GROUP of them); prefill chunks reuse
+    # each K/V tile for more query tokens
+    block_m = max(16 if decode else 64, triton.next_power_of_2(group))
+    tokens_per_tile = block_m // group
+    if splits is None:  # counting a prompt chunk's tiles, not the one each sequence may add
+        splits = key_splits(num_seqs if decode else max(1, num_tokens // tokens_per_tile), num_kv_heads, q.device)
     out = torch.empty_like(q)
     partial, lse = out, out  # each split's output and log-sum-exp, when there are splits
     if splits > 1:
         partial = torch.empty(splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
-    # 16 rows is the smallest tile tensor-core dots take (a decode fills GROUP of them); prefill chunks reuse
-    # each K/V tile for more query tokens
-    block_m = max(16 if max_seqlen_q == 1 else 64, triton.next_power_of_2(group))
     block_d = max(16, triton.next_power_of_2(head_dim))
-    decode = max_seqlen_q == 1
     # numbered tiles: a sequence's first may straddle a multiple of the tile's tokens, hence one more per sequence
-    grid = (num_seqs if decode else num_tokens // (block_m // group) + num_seqs, num_kv_heads, splits)
+    grid = (num_seqs if decode else num_tokens // tokens_per_tile + num_seqs, num_kv_heads, splits)
     _paged_attention_kernel[grid](
         q, kv_cache[0], kv_cache[1], out, partial, lse, cu_seqlens_q, context_lens, block_tables, q.stride(0),
         q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), num_tokens, num_heads, num_seqs, scale,
