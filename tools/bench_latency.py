@@ -28,9 +28,9 @@ import torch
 
 SETTINGS = {"short alone": (dict(enable_chunked_prefill=True, max_num_batched_tokens=2048), False),
             "chunked prefill on": (dict(enable_chunked_prefill=True, max_num_batched_tokens=2048), True),
-            "chunked prefill on, small steps": (dict(enable_chunked_prefill=True, max_num_batched_tokens=512), True),
-            "chunked on, prompts capped at 256": (dict(enable_chunked_prefill=True, max_num_batched_tokens=2048,
-                                                       long_prefill_token_threshold=256), True),
+            **{f"chunked on, prompts capped at {cap}": (dict(enable_chunked_prefill=True, max_num_batched_tokens=2048,
+                                                              long_prefill_token_threshold=cap), True)
+               for cap in (256, 128)},
             "chunked prefill off": (dict(enable_chunked_prefill=False, max_num_batched_tokens=8192), True)}
 
 
