@@ -22,7 +22,7 @@ class CudaGraphs:
         self.decode_sizes = sorted({1, 2, 4, 8, *range(16, self.max_seqs + 1, 16), self.max_seqs})
         self.mixed_sizes = [size for size in MIXED_SIZES if size <= max_num_batched_tokens]
         self.max_model_len = max_model_len
-        max_tokens = max(self.max_seqs, *self.mixed_sizes)
+        max_tokens = max([self.max_seqs, *self.mixed_sizes])
         max_blocks = -(-max_model_len // block_size)
 
         def zeros(*shape, dtype=torch.int64):
