@@ -18,6 +18,8 @@ import importlib.util
 import torch
 from triton.testing import do_bench
 
+from nanovllm.engine.cuda_graphs import MIXED_SIZES
+
 # (query heads, KV heads, sequences, tokens of the first sequence, tokens of each other sequence)
 SHAPES = [(16, 8, 1, 4096, 4096), (16, 8, 4, 4096, 4096), (16, 8, 16, 2048, 2048), (32, 8, 1, 8192, 8192),
           (16, 8, 128, 1024, 1024), (16, 8, 16, 7000, 256), (16, 8, 64, 7000, 256)]
@@ -101,6 +103,15 @@ def mixed_step(chunk: int, paged_attention, flash_attn_varlen_func, baseline=Non
     runs = {"ours": lambda: paged_attention(q, cache, cu_q, context_lens, tables, chunk, scale),
             "flash-attn 2": lambda: flash_attn_varlen_func(q, cache[0], cache[1], cu_q, cu_k, chunk, prompt,
                                                            softmax_scale=scale, causal=True, block_table=tables)}
+    size = next((size for size in MIXED_SIZES if size >= len(q)), None)
+    if size is not None:  # as the step's graph replays it: padding tokens, and empty sequences up to 512
+        seqs = min(size, 512)
+        q_padded = torch.cat([q, q.new_zeros(size - len(q), heads, HEAD_DIM)])
+        cu_padded = torch.cat([cu_q, cu_q[-1:].repeat(seqs - len(lens))])
+        lens_padded = torch.cat([context_lens, context_lens.new_zeros(seqs - len(lens))])
+        tables_padded = torch.cat([tables, tables.new_zeros(seqs - len(lens), blocks_per_seq)])
+        runs[f"ours padded to {size} tokens, {seqs} sequences"] = lambda: paged_attention(
+            q_padded, cache, cu_padded, lens_padded, tables_padded, size, scale)[:len(q)]
     if baseline:
         runs["baseline"] = lambda: baseline(q, cache, cu_q, context_lens, tables, chunk, scale)
     reference = runs["flash-attn 2"]().float()

@@ -11,35 +11,16 @@ from nanovllm.kernels import multiprocessors, shared_memory
 
 
 @triton.jit
-def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, cu_seqlens_q_ptr,
-                            context_lens_ptr, block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h,
-                            block_table_stride, num_tokens, num_heads, num_seqs, scale, NUM_KV_HEADS: tl.constexpr,
-                            GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-                            MIN_SPLIT_KEYS: tl.constexpr, DECODE: tl.constexpr):
-    """One program per (tile of query tokens, KV head, split of the keys). A tile's rows are its tokens times the
-    GROUP query heads that share the KV head, so each K/V tile is read once for all of them. With SPLITS > 1
-    each program writes its split's output and log-sum-exp for _combine_splits_kernel. A decode
-    has a tile per sequence; otherwise the tiles are numbered across the batch (sequence i's from
-    cu_seqlens_q[i] // TOKENS + i), so the grid depends on the token and sequence counts, not on the lengths,
-    and a CUDA graph can hold it."""
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
+def _attend_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, cu_seqlens_q_ptr, context_lens_ptr,
+                 block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h, block_table_stride, num_tokens,
+                 num_heads, scale, seq, first, kv_head, split, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, MIN_SPLIT_KEYS: tl.constexpr):
+    """Sequence ``seq``'s query tokens from ``first`` (a tile of them) for one KV head over one split of the keys.
+    A tile's rows are its tokens times the GROUP query heads that share the KV head, so each K/V tile is read
+    once for all of them. With SPLITS > 1 it writes the split's output and log-sum-exp for
+    _combine_splits_kernel."""
     TOKENS: tl.constexpr = BLOCK_M // GROUP
-    if DECODE:
-        seq = tl.program_id(0)
-        first = 0
-    else:
-        tile = tl.program_id(0)
-        seq = 0
-        hi = num_seqs - 1
-        while seq < hi:  # the last sequence whose first tile is at or before this one
-            mid = (seq + hi + 1) // 2
-            if tl.load(cu_seqlens_q_ptr + mid) // TOKENS + mid <= tile:
-                seq = mid
-            else:
-                hi = mid - 1
-        first = (tile - tl.load(cu_seqlens_q_ptr + seq) // TOKENS - seq) * TOKENS
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
     if first < q_len:
@@ -92,6 +73,53 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_pt
 
 
 @triton.jit
+def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, cu_seqlens_q_ptr,
+                            context_lens_ptr, block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h,
+                            block_table_stride, num_tokens, num_heads, num_seqs, scale, NUM_KV_HEADS: tl.constexpr,
+                            GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+                            MIN_SPLIT_KEYS: tl.constexpr, DECODE: tl.constexpr):
+    """A decode has one program per (sequence, KV head, split of the keys). Otherwise a fixed number of programs
+    per KV head take turns over the (tile of query tokens, split) pairs of the step: the tiles are numbered across
+    the batch (sequence i's from cu_seqlens_q[i] // TOKENS + i) and counted over the step's own sequences only, so
+    a CUDA graph holds the grid and its padding (empty sequences past the step's) costs no program."""
+    kv_head = tl.program_id(1)
+    if DECODE:
+        _attend_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, cu_seqlens_q_ptr,
+                     context_lens_ptr, block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h,
+                     block_table_stride, num_tokens, num_heads, scale, tl.program_id(0), 0, kv_head,
+                     tl.program_id(2), NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N, SPLITS,
+                     MIN_SPLIT_KEYS)
+    else:
+        TOKENS: tl.constexpr = BLOCK_M // GROUP
+        total = tl.load(cu_seqlens_q_ptr + num_seqs)
+        lo = 0
+        hi = num_seqs
+        while lo < hi:  # the step's sequences: those before the first that starts at the total (none is empty)
+            mid = (lo + hi) // 2
+            if tl.load(cu_seqlens_q_ptr + mid) < total:
+                lo = mid + 1
+            else:
+                hi = mid
+        last = lo - 1
+        for work in range(tl.program_id(0), (total // TOKENS + lo) * SPLITS, tl.num_programs(0)):
+            tile = work // SPLITS
+            seq = 0
+            hi = last
+            while seq < hi:  # the last sequence whose first tile is at or before this one
+                mid = (seq + hi + 1) // 2
+                if tl.load(cu_seqlens_q_ptr + mid) // TOKENS + mid <= tile:
+                    seq = mid
+                else:
+                    hi = mid - 1
+            first = (tile - tl.load(cu_seqlens_q_ptr + seq) // TOKENS - seq) * TOKENS
+            _attend_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, cu_seqlens_q_ptr,
+                         context_lens_ptr, block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h,
+                         block_table_stride, num_tokens, num_heads, scale, seq, first, kv_head, work % SPLITS,
+                         NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N, SPLITS, MIN_SPLIT_KEYS)
+
+
+@triton.jit
 def _combine_splits_kernel(partial_ptr, lse_ptr, out_ptr, num_tokens, num_heads, o_stride_t, o_stride_h,
                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
                            BLOCK_S: tl.constexpr):
@@ -122,6 +150,14 @@ def key_splits(num_tiles: int, num_kv_heads: int, device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return max(1, min(16, 8 * multiprocessors(device) // (num_tiles * num_kv_heads)))
+
+
+def programs_per_kv_head(num_kv_heads: int, device: torch.device) -> int:
+    """Programs that take turns over a step's tiles: some eight per SM (on CPU, Triton's interpreter, two, so
+    that each takes several turns in the tests)."""
+    if device.type != "cuda":
+        return 2
+    return max(1, 8 * multiprocessors(device) // num_kv_heads)
 
 
 def tile_config(block_m: int, block_d: int, device: torch.device) -> dict:
@@ -161,8 +197,11 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
         partial = torch.empty(splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    # numbered tiles: a sequence's first may straddle a multiple of the tile's tokens, hence one more per sequence
-    grid = (num_seqs if decode else num_tokens // tokens_per_tile + num_seqs, num_kv_heads, splits)
+    if decode:
+        grid = (num_seqs, num_kv_heads, splits)
+    else:  # a sequence's first tile may straddle a multiple of the tile's tokens: one more tile per sequence
+        work = (num_tokens // tokens_per_tile + num_seqs) * splits
+        grid = (min(work, programs_per_kv_head(num_kv_heads, q.device)), num_kv_heads, 1)
     _paged_attention_kernel[grid](
         q, kv_cache[0], kv_cache[1], out, partial, lse, cu_seqlens_q, context_lens, block_tables, q.stride(0),
         q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), num_tokens, num_heads, num_seqs, scale,
