@@ -166,13 +166,15 @@ def main():
     parser.add_argument("--model", help="checkpoint folder (default: Qwen3-0.6B shape, random weights)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per setting, after one warm-up run")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS), metavar="NAME",
+                        help=f"run only these settings (default: all of {', '.join(map(repr, SETTINGS))})")
     args = parser.parse_args()
     from nanovllm.testing import QWEN3_0_6B, make_random_checkpoint
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as folder:
         model = args.model or make_random_checkpoint(os.path.join(folder, "m"), dtype=torch.bfloat16, **QWEN3_0_6B)
         results = {name: measure(model, options, with_long, args.repeats)
-                   for name, (options, with_long) in SETTINGS.items()}
+                   for name, (options, with_long) in SETTINGS.items() if name in args.settings}
     for name, r in results.items():
         print(f"{name:>31} ({SETTINGS[name][0]['max_num_batched_tokens']} tokens/step): TTFT p50 "
               f"{r['ttft_p50_ms']:.1f} ms, p99 {r['ttft_p99_ms']:.1f} ms; ITL p50 {r['itl_p50_ms']:.1f} ms, "
