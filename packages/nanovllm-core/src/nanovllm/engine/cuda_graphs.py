@@ -11,14 +11,14 @@ from nanovllm.engine.context import Context, set_context
 # Token counts of the captured steps with prompt tokens; larger steps run eagerly (their GPU time dwarfs the CPU's
 # launching of their kernels).
 MIXED_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048)
-MAX_DECODE_BATCH = 512
+MAX_SEQS = 512  # sequences a graph holds at most; steps with more run eagerly
 
 
 class CudaGraphs:
     def __init__(self, model: torch.nn.Module, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
                  block_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device):
         self.model = model
-        self.max_seqs = min(max_num_seqs, MAX_DECODE_BATCH)
+        self.max_seqs = min(max_num_seqs, MAX_SEQS)
         self.decode_sizes = sorted({1, 2, 4, 8, *range(16, self.max_seqs + 1, 16), self.max_seqs})
         self.mixed_sizes = [size for size in MIXED_SIZES if size <= max_num_batched_tokens]
         self.max_model_len = max_model_len
