@@ -176,7 +176,7 @@ def main():
         results = {name: measure(model, options, with_long, args.repeats)
                    for name, (options, with_long) in SETTINGS.items() if name in args.settings}
     for name, r in results.items():
-        print(f"{name:>31} ({SETTINGS[name][0]['max_num_batched_tokens']} tokens/step): TTFT p50 "
+        print(f"{name:>33} ({SETTINGS[name][0]['max_num_batched_tokens']} tokens/step): TTFT p50 "
               f"{r['ttft_p50_ms']:.1f} ms, p99 {r['ttft_p99_ms']:.1f} ms; ITL p50 {r['itl_p50_ms']:.1f} ms, "
               f"p99 {r['itl_p99_ms']:.1f} ms; graphs compiled in timed runs: {r['new_compiled_graphs']}")
         print(f"{'':>33}ITLs at or above p99, by engine steps spanned: {r['slow_itl_steps']}; GC pauses: "

@@ -25,7 +25,8 @@ class Context:
     is_fresh_prefill: bool = False  # every sequence starts at position 0: its keys are this step's tokens
     compaction: KVCompaction | None = None  # prompts completing in this step whose KV a retention policy thins
     # replayed from a CUDA graph: attention must launch a grid fixed by the tensors' shapes (the lengths change
-    # between replays; max_seqlen_q and max_seqlen_k are upper bounds, sequences past the step's are empty)
+    # between replays). max_seqlen_q and max_seqlen_k are upper bounds, tokens and sequences past the step's are
+    # padding (no slot; no keys), cu_seqlens_k is not the keys' offsets (context_lens is)
     captured: bool = False
 
 

@@ -37,7 +37,7 @@ class CudaGraphs:
         self.decode: dict[int, torch.cuda.CUDAGraph] = {}
         self.mixed: dict[int, torch.cuda.CUDAGraph] = {}
         pool = None
-        # the largest first: the smaller ones reuse its pool's memory
+        # one memory pool; each family largest first, so that its smaller graphs fit in what the largest took
         for graphs, sizes, decode in ((self.decode, self.decode_sizes, True), (self.mixed, self.mixed_sizes, False)):
             for size in reversed(sizes):
                 graphs[size] = self._capture(size, decode, pool)

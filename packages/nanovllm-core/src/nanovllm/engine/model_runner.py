@@ -13,8 +13,8 @@ import xxhash
 from nanovllm.attention_backend import AttentionBackend
 from nanovllm.config import Config
 from nanovllm.engine.context import Context, set_context
-from nanovllm.engine.kv_compaction import KVCompaction
 from nanovllm.engine.cuda_graphs import CudaGraphs
+from nanovllm.engine.kv_compaction import KVCompaction
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.expert_manager import select_expert_manager
 from nanovllm.kv_retention import select_kv_retention_policy
