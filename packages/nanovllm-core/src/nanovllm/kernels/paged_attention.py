@@ -11,6 +11,41 @@ from nanovllm.kernels import multiprocessors, shared_memory
 
 
 @triton.jit
+def _attend_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, block_table_stride, kv_head,
+                 offs_d, d_mask, q_pos, scale, lo, hi, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """Online softmax of the tile's rows over keys lo..hi (lo a multiple of BLOCK_N). MASKED: some rows do not see
+    some of these keys (causality, or hi not a multiple of BLOCK_N); else every row sees every key."""
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        if MASKED:
+            n_mask = offs_n < hi
+            block_ids = tl.load(block_tables_ptr + seq * block_table_stride + offs_n // PAGE, mask=n_mask, other=0)
+        else:
+            block_ids = tl.load(block_tables_ptr + seq * block_table_stride + offs_n // PAGE)
+        slots = block_ids.to(tl.int64) * PAGE + offs_n % PAGE
+        kv_offsets = slots[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + offs_d[None, :]
+        if MASKED:
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+        else:
+            kv_mask = d_mask[None, :]
+        k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * scale
+        if MASKED:
+            qk = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :], qk, float("-inf"))
+        # A row sees its split's first key or none of the split (the keys it sees are a prefix): then its maximum
+        # is finite after the first tile, or it stays NaN and is weighed as having seen nothing by the caller.
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _attend_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, cu_seqlens_q_ptr, context_lens_ptr,
                  block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h, block_table_stride, num_tokens,
                  num_heads, scale, seq, first, kv_head, split, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
@@ -40,26 +75,16 @@ def _attend_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr,
         end = tl.minimum(k_len, k_len - q_len + first + TOKENS)
         # a split reads at least MIN_SPLIT_KEYS keys: short sequences use fewer splits than they are given
         chunk = tl.maximum(tl.cdiv(tl.cdiv(end, SPLITS), BLOCK_N) * BLOCK_N, MIN_SPLIT_KEYS)
-        for start in range(split * chunk, tl.minimum(end, (split + 1) * chunk), BLOCK_N):
-            offs_n = start + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < end
-            block_ids = tl.load(block_tables_ptr + seq * block_table_stride + offs_n // PAGE, mask=n_mask, other=0)
-            slots = block_ids.to(tl.int64) * PAGE + offs_n % PAGE
-            kv_offsets = slots[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + offs_d[None, :]
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
-            v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
-            qk = tl.dot(q, tl.trans(k)) * scale
-            visible = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
-            qk = tl.where(visible, qk, float("-inf"))
-            # A row sees its split's first key or none of the split (the keys it sees are a prefix): then its
-            # maximum is finite after the first tile, or it stays NaN and is weighed as having seen nothing below.
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        lo = split * chunk
+        hi = tl.minimum(end, (split + 1) * chunk)
+        # key tiles up to the tile's first query's position are seen by every row: no mask there
+        seen_by_all = tl.minimum(hi, tl.maximum(lo, (k_len - q_len + first + 1) // BLOCK_N * BLOCK_N))
+        m_i, l_i, acc = _attend_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq,
+                                     block_table_stride, kv_head, offs_d, d_mask, q_pos, scale, lo, seen_by_all,
+                                     NUM_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, False)
+        m_i, l_i, acc = _attend_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq,
+                                     block_table_stride, kv_head, offs_d, d_mask, q_pos, scale, seen_by_all, hi,
+                                     NUM_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, True)
         mask = m_mask[:, None] & d_mask[None, :]
         # A row that saw no key (a CUDA graph's padding has context length 0) gets zeros, not 0 / 0 or NaN
         out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
