@@ -72,7 +72,7 @@ def main():
         reference = runs["flash-attn 2"]().float()
         kv_bytes = 2 * (first_tokens + (seqs - 1) * tokens) * kv_heads * HEAD_DIM * 2
         lengths = f"{seqs} x {tokens}" if first_tokens == tokens else f"1 x {first_tokens} + {seqs - 1} x {tokens}"
-        line = f"{heads}/{kv_heads} heads, {lengths} tokens ({key_splits(seqs, kv_heads, q.device)} splits):"
+        line = f"{heads}/{kv_heads} heads, {lengths} tokens ({key_splits(seqs, kv_heads, True, q.device)} splits):"
         for name, run in runs.items():
             error = (run().float() - reference).abs().max().item()
             ms = do_bench(in_graph(run))

@@ -1,6 +1,6 @@
-"""The Triton paged-attention kernel (the fa1 backend's, and the fa2 backend's for decode and captured steps) against torch SDPA:
-under TRITON_INTERPRET=1 on CPU (CI) and compiled on a GPU, for prefill, prefix-cached and chunked prefill,
-decode (keys whole or split) and mixed batches."""
+"""The Triton paged-attention kernel (the fa1 backend's, and the fa2 backend's for decode and captured steps)
+against torch SDPA: under TRITON_INTERPRET=1 on CPU (CI) and compiled on a GPU, for prefill, prefix-cached and
+chunked prefill, decode (keys whole or split) and mixed batches."""
 
 import pytest
 import torch
@@ -125,7 +125,7 @@ def test_paged_attention_interpreted_on_cpu():
 def test_paged_attention_splits_on_gpu_fp16(splits):
     """Decode with the keys split: by default a batch this small gets splits."""
     from nanovllm.kernels import paged_attention
-    assert paged_attention.key_splits(5, 2, torch.device("cuda")) > 1
+    assert paged_attention.key_splits(5, 2, True, torch.device("cuda")) > 1
     check(paged_attention, CASES["decode"] + [(700, 1)], "cuda", torch.float16, head_dim=128, num_heads=8,
           page=16, tol=2e-2, splits=splits)
     check_padding_rows(paged_attention, "cuda", torch.float16, splits)

@@ -168,13 +168,20 @@ def _combine_splits_kernel(partial_ptr, lse_ptr, out_ptr, num_tokens, num_heads,
 MIN_SPLIT_KEYS = 512  # fewer keys per split cost more in programs and partial outputs than they save
 
 
-def key_splits(num_tiles: int, num_kv_heads: int, device: torch.device) -> int:
-    """Splits of the keys: some eight programs per SM when there are few query tiles (a small decode batch, a
-    short prompt chunk), so that one long sequence among short ones is read by many SMs (a CUDA graph fixes the
-    splits before the lengths are known; a short sequence's unused splits end at once)."""
+def key_splits(num_tiles: int, num_kv_heads: int, decode: bool, device: torch.device) -> int:
+    """Splits of the keys, so that a step with few query tiles (a small decode batch, a short prompt chunk) still
+    has programs for every SM and one long sequence among short ones is read by many SMs (a CUDA graph fixes the
+    splits before the lengths are known; a short sequence's unused splits end at once). Decodes: some eight
+    programs per SM. Prompt tokens, measured on an H100 (benchmarks/RESULTS.md): a power of two up to some four
+    per SM (3 splits ran 1.2x slower than 2 or 4), and at least 2 below twelve tiles per SM (2,048 tokens over
+    7,000 keys at 32/8 heads ran 1.18x faster in 2 splits; over 1,000 keys, 1.2x slower)."""
     if device.type != "cuda":
         return 1
-    return max(1, min(16, 8 * multiprocessors(device) // (num_tiles * num_kv_heads)))
+    sms, work = multiprocessors(device), num_tiles * num_kv_heads
+    if decode:
+        return max(1, min(16, 8 * sms // work))
+    splits = 1 << max(0, (4 * sms // work).bit_length() - 1)
+    return min(16, max(2, splits) if work < 12 * sms else splits)
 
 
 def programs_per_kv_head(num_kv_heads: int, device: torch.device) -> int:
@@ -185,14 +192,14 @@ def programs_per_kv_head(num_kv_heads: int, device: torch.device) -> int:
     return max(1, 8 * multiprocessors(device) // num_kv_heads)
 
 
-def tile_config(block_m: int, block_d: int, device: torch.device) -> dict:
-    """Keys per K/V tile and pipeline stages: 64 keys in 3 stages (the best of 32, 64 and 128 keys for decode
-    on an H200) where the stages of K and V tiles fit in shared memory beside the query tile, else fewer (on
-    a Turing GPU at head size 128: 32 keys in 2 stages). Only the H200's choice has been measured."""
+def tile_config(block_m: int, block_d: int, decode: bool, device: torch.device) -> dict:
+    """Keys per K/V tile and pipeline stages: 64 keys, in 3 stages for a decode (the best of 32, 64 and 128 keys
+    on an H200) and 2 for prompt tokens (as fast as 3 or faster on an H100), where the stages of K and V tiles fit
+    in shared memory beside the query tile, else fewer (on a Turing GPU at head size 128: 32 keys in 2 stages)."""
     if device.type != "cuda":  # Triton's CPU interpreter: stages do not apply
         return dict(BLOCK_N=64)
     shared = shared_memory(device)
-    for block_n, stages in ((64, 3), (64, 2), (32, 2), (16, 2)):
+    for block_n, stages in ((64, 3), (64, 2), (32, 2), (16, 2))[0 if decode else 1:]:
         if (stages * 2 * block_n + 2 * block_m) * block_d * 2 <= shared:  # K, V stages; Q and a margin as large
             return dict(BLOCK_N=block_n, num_stages=stages)
     return dict(BLOCK_N=16, num_stages=1)
@@ -215,7 +222,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
     block_m = max(16 if decode else 64, triton.next_power_of_2(group))
     tokens_per_tile = block_m // group
     if splits is None:  # counting a prompt chunk's tiles, not the one each sequence may add
-        splits = key_splits(num_seqs if decode else max(1, num_tokens // tokens_per_tile), num_kv_heads, q.device)
+        num_tiles = num_seqs if decode else max(1, num_tokens // tokens_per_tile)
+        splits = key_splits(num_tiles, num_kv_heads, decode, q.device)
     out = torch.empty_like(q)
     partial, lse = out, out  # each split's output and log-sum-exp, when there are splits
     if splits > 1:
@@ -231,7 +239,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
         q, kv_cache[0], kv_cache[1], out, partial, lse, cu_seqlens_q, context_lens, block_tables, q.stride(0),
         q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), num_tokens, num_heads, num_seqs, scale,
         NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page, BLOCK_M=block_m,
-        SPLITS=splits, MIN_SPLIT_KEYS=MIN_SPLIT_KEYS, DECODE=decode, **tile_config(block_m, block_d, q.device))
+        SPLITS=splits, MIN_SPLIT_KEYS=MIN_SPLIT_KEYS, DECODE=decode, **tile_config(block_m, block_d, decode, q.device))
     if splits > 1:
         _combine_splits_kernel[(num_tokens, num_heads)](
             partial, lse, out, num_tokens, num_heads, out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d,
