@@ -9,8 +9,9 @@ the kernel with its default key splits, the kernel without splits, flash_attn_wi
 and, with --baseline, the ``paged_attention`` of another file (e.g. an older version, to compare in one run).
 Times from triton.testing.do_bench of each call captured in a CUDA graph, as decode steps run it (timed eagerly,
 small shapes measure Python's kernel launches); each output's largest difference from flash-attn 2's is printed
-beside it. Then steps with a prompt chunk (bf16): the kernel as a CUDA graph of such a step runs it, against
-flash_attn_varlen_func over the paged cache as eager steps run it.
+beside it. Then steps with prompt tokens (bf16): chunks ending a long prompt beside decodes, short prompts beside
+decodes, and prompts alone. The kernel as a CUDA graph of such a step runs it (and padded as the step's graph
+lays it out), against flash_attn_varlen_func over the paged cache as eager steps run it.
 """
 import argparse
 import importlib.util
@@ -78,21 +79,34 @@ def main():
             ms = do_bench(in_graph(run))
             line += f"  {name} {ms * 1e3:.0f} us {kv_bytes / ms / 1e6:.0f} GB/s (diff {error:.3f})"
         print(line, flush=True)
-    print("Steps with prompt tokens: a chunk of C query tokens ending a 7,000-token prompt beside 16 decodes "
-          "over 256 tokens (16/8 heads), as a CUDA graph of the step replays it against flash-attn 2's varlen "
+    print("Steps with prompt tokens (bf16), as a CUDA graph of the step replays them, against flash-attn 2's varlen "
           "kernel run eagerly")
-    for chunk in PROMPT_CHUNKS:
-        mixed_step(chunk, paged_attention, flash_attn_varlen_func, baseline)
+    for name, step in PROMPT_STEPS.items():
+        prompt_step(name, *step, paged_attention, flash_attn_varlen_func, baseline)
 
 
-PROMPT_CHUNKS = (64, 256, 1024, 2048)
+def _chunk_of_long_prompt(chunk: int, heads: int = 16) -> tuple:
+    return heads, 8, [chunk] + [1] * 16, [7000] + [256] * 16
 
 
-def mixed_step(chunk: int, paged_attention, flash_attn_varlen_func, baseline=None, heads=16, kv_heads=8, prompt=7000):
-    """One prompt chunk of ``chunk`` queries and 16 decodes: the Triton kernel's time against flash-attn 2's."""
-    lens = [prompt] + [256] * 16
-    q_lens = [chunk] + [1] * 16
-    blocks_per_seq = -(-prompt // PAGE)
+# name: (query heads, KV heads, query tokens of each sequence, keys of each sequence)
+PROMPT_STEPS = {
+    **{f"chunk {chunk:,} ending a 7,000-token prompt + 16 decodes over 256 (16/8 heads)": _chunk_of_long_prompt(chunk)
+       for chunk in (64, 256, 1024, 2048)},
+    "chunk 128 ending a 7,000-token prompt + 16 decodes over 256 (32/8 heads)": _chunk_of_long_prompt(128, 32),
+    "chunk 2,032 ending a 7,000-token prompt + 16 decodes over 256 (32/8 heads)": _chunk_of_long_prompt(2032, 32),
+    "a 1,024-token prompt + 64 decodes over 600 (16/8 heads)": (16, 8, [1024] + [1] * 64, [1024] + [600] * 64),
+    "chunk 412 ending a 900-token prompt + 100 decodes over 700 (16/8 heads)": (
+        16, 8, [412] + [1] * 100, [900] + [700] * 100),
+    "4 prompts of 2,048 (16/8 heads)": (16, 8, [2048] * 4, [2048] * 4),
+    "16 prompts of 512 (16/8 heads)": (16, 8, [512] * 16, [512] * 16),
+}
+
+
+def prompt_step(name: str, heads: int, kv_heads: int, q_lens: list[int], lens: list[int], paged_attention,
+                flash_attn_varlen_func, baseline=None):
+    """One step with prompt tokens: the Triton kernel's time against flash-attn 2's (and the baseline's)."""
+    blocks_per_seq = -(-max(lens) // PAGE)
     cache = torch.randn(2, len(lens) * blocks_per_seq, PAGE, kv_heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     tables = torch.randperm(len(lens) * blocks_per_seq, device="cuda").view(len(lens), blocks_per_seq).int()
     q = torch.randn(sum(q_lens), heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
@@ -100,8 +114,9 @@ def mixed_step(chunk: int, paged_attention, flash_attn_varlen_func, baseline=Non
     cu_k = torch.tensor([0] + lens, device="cuda").cumsum(0).int()
     context_lens = cu_k.diff().int()
     scale = HEAD_DIM ** -0.5
-    runs = {"ours": lambda: paged_attention(q, cache, cu_q, context_lens, tables, chunk, scale),
-            "flash-attn 2": lambda: flash_attn_varlen_func(q, cache[0], cache[1], cu_q, cu_k, chunk, prompt,
+    max_q, max_k = max(q_lens), max(lens)
+    runs = {"ours": lambda: paged_attention(q, cache, cu_q, context_lens, tables, max_q, scale),
+            "flash-attn 2": lambda: flash_attn_varlen_func(q, cache[0], cache[1], cu_q, cu_k, max_q, max_k,
                                                            softmax_scale=scale, causal=True, block_table=tables)}
     size = next((size for size in MIXED_SIZES if size >= len(q)), None)
     if size is not None:  # as the step's graph replays it: padding tokens, and empty sequences up to 512
@@ -113,14 +128,14 @@ def mixed_step(chunk: int, paged_attention, flash_attn_varlen_func, baseline=Non
         runs[f"ours padded to {size} tokens, {seqs} sequences"] = lambda: paged_attention(
             q_padded, cache, cu_padded, lens_padded, tables_padded, size, scale)[:len(q)]
     if baseline:
-        runs["baseline"] = lambda: baseline(q, cache, cu_q, context_lens, tables, chunk, scale)
+        runs["baseline"] = lambda: baseline(q, cache, cu_q, context_lens, tables, max_q, scale)
     reference = runs["flash-attn 2"]().float()
     flops = 4 * heads * HEAD_DIM * sum(n * (k - n / 2) for n, k in zip(q_lens, lens))
-    line = f"  chunk {chunk}:"
-    for name, run in runs.items():
+    line = f"  {name}:"
+    for kernel, run in runs.items():
         error = (run().float() - reference).abs().max().item()
-        ms = do_bench(run if name == "flash-attn 2" else in_graph(run))
-        line += f"  {name} {ms * 1e3:.0f} us {flops / ms / 1e9:.0f} TFLOP/s (diff {error:.3f})"
+        ms = do_bench(run if kernel == "flash-attn 2" else in_graph(run))
+        line += f"  {kernel} {ms * 1e3:.0f} us {flops / ms / 1e9:.0f} TFLOP/s (diff {error:.3f})"
     print(line, flush=True)
 
 
