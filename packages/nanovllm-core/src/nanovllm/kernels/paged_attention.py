@@ -173,8 +173,9 @@ def key_splits(num_tiles: int, num_kv_heads: int, decode: bool, device: torch.de
     has programs for every SM and one long sequence among short ones is read by many SMs (a CUDA graph fixes the
     splits before the lengths are known; a short sequence's unused splits end at once). Decodes: some eight
     programs per SM. Prompt tokens, measured on an H100 (benchmarks/RESULTS.md): a power of two up to some four
-    per SM (3 splits ran 1.2x slower than 2 or 4), and at least 2 below twelve tiles per SM (2,048 tokens over
-    7,000 keys at 32/8 heads ran 1.18x faster in 2 splits; over 1,000 keys, 1.2x slower)."""
+    per SM (3 splits were slower than 2 in most steps, never faster than both 2 and 4), and at least 2 below
+    twelve (query tile, KV head) pairs per SM (at 32/8 heads, 2,032 tokens over 7,000 keys ran 1.18x faster in 2
+    splits; at 16/8 heads, a 1,024-token prompt ran 1.24x slower)."""
     if device.type != "cuda":
         return 1
     sms, work = multiprocessors(device), num_tiles * num_kv_heads
