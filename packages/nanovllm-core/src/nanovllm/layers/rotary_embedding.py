@@ -4,7 +4,7 @@ import math
 import torch
 from torch import nn
 
-from nanovllm.layers.compile import compile_on_cuda
+from nanovllm.layers.layernorm import RMSNorm
 
 
 def rope_parameters(hf_config) -> tuple[float, dict]:
@@ -39,12 +39,18 @@ class RotaryEmbedding(nn.Module):
         cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
         self.register_buffer("cos_sin_cache", cache.to(torch.get_default_device()), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """Rotate q [tokens, heads, head_dim] and k [tokens, kv_heads, head_dim] by position."""
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                norms: tuple[RMSNorm, RMSNorm] | None = None):
+        """Rotate q [tokens, heads, head_dim] and k [tokens, kv_heads, head_dim] by position, after normalising each
+        head with ``norms`` (q's, k's) where the model has QK norms."""
+        if q.is_cuda:  # norms and rotation in one Triton kernel (triton is imported only where it runs)
+            from nanovllm.kernels.rotary import rotate_queries_keys
+            return rotate_queries_keys(positions, q, k, self.cos_sin_cache, norms)
+        if norms:
+            q, k = norms[0](q), norms[1](k)
         return apply_rotary(positions, q, k, self.cos_sin_cache)
 
 
-@compile_on_cuda
 def apply_rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor):
     cos, sin = cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
     return _rotate(q, cos, sin), _rotate(k, cos, sin)
