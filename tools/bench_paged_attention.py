@@ -1,12 +1,13 @@
 """Attention alone: core's Triton paged-attention kernel against flash-attn 2's, for decode and for steps with a
 prompt chunk.
 
-    python tools/bench_paged_attention.py [--baseline FILE]
+    python tools/bench_paged_attention.py [--baseline FILE]...
 
 For a few decode shapes (fp16, head size 128, page 256, blocks shuffled; every sequence at the same length, or
 one long sequence among short ones, as when a long prompt decodes beside chat requests):
 the kernel with its default key splits, the kernel without splits, flash_attn_with_kvcache on the same cache
-and, with --baseline, the ``paged_attention`` of another file (e.g. an older version, to compare in one run).
+and, with --baseline, the ``paged_attention`` of other files (e.g. older versions or variants, to compare in one
+run; named by the file's stem).
 Times from triton.testing.do_bench of each call captured in a CUDA graph, as decode steps run it (timed eagerly,
 small shapes measure Python's kernel launches); each output's largest difference from flash-attn 2's is printed
 beside it. Then steps with prompt tokens (bf16): chunks ending a long prompt beside decodes, short prompts beside
@@ -15,6 +16,7 @@ lays it out), against flash_attn_varlen_func over the paged cache as eager steps
 """
 import argparse
 import importlib.util
+import pathlib
 
 import torch
 from triton.testing import do_bench
@@ -46,12 +48,13 @@ def in_graph(run):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--baseline", help="a file whose paged_attention(q, kv_cache, cu_seqlens_q, ...) to time too")
+    parser.add_argument("--baseline", action="append", default=[], metavar="FILE",
+                        help="a file whose paged_attention(q, kv_cache, cu_seqlens_q, ...) to time too (repeatable)")
     args = parser.parse_args()
     from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
     from nanovllm.kernels.paged_attention import key_splits, paged_attention
-    baseline = load_paged_attention(args.baseline) if args.baseline else None
+    baselines = {pathlib.Path(path).stem: load_paged_attention(path) for path in args.baseline}
     torch.manual_seed(0)
     print(torch.cuda.get_device_name())
     for heads, kv_heads, seqs, first_tokens, tokens in SHAPES:
@@ -68,8 +71,8 @@ def main():
             "ours, no splits": lambda: paged_attention(q, cache, cu_seqlens_q, lens, tables, 1, scale, 1),
             "flash-attn 2": lambda: flash_attn_with_kvcache(q.unsqueeze(1), cache[0], cache[1], cache_seqlens=lens,
                                                            block_table=tables, causal=True).squeeze(1)}
-        if baseline:
-            runs["baseline"] = lambda: baseline(q, cache, cu_seqlens_q, lens, tables, 1, scale)
+        for stem, baseline in baselines.items():
+            runs[stem] = lambda baseline=baseline: baseline(q, cache, cu_seqlens_q, lens, tables, 1, scale)
         reference = runs["flash-attn 2"]().float()
         kv_bytes = 2 * (first_tokens + (seqs - 1) * tokens) * kv_heads * HEAD_DIM * 2
         lengths = f"{seqs} x {tokens}" if first_tokens == tokens else f"1 x {first_tokens} + {seqs - 1} x {tokens}"
@@ -82,7 +85,7 @@ def main():
     print("Steps with prompt tokens (bf16), as a CUDA graph of the step replays them, against flash-attn 2's varlen "
           "kernel run eagerly")
     for name, step in PROMPT_STEPS.items():
-        prompt_step(name, *step, paged_attention, flash_attn_varlen_func, baseline)
+        prompt_step(name, *step, paged_attention, flash_attn_varlen_func, baselines)
 
 
 def _chunk_of_long_prompt(chunk: int, heads: int = 16) -> tuple:
@@ -104,8 +107,8 @@ PROMPT_STEPS = {
 
 
 def prompt_step(name: str, heads: int, kv_heads: int, q_lens: list[int], lens: list[int], paged_attention,
-                flash_attn_varlen_func, baseline=None):
-    """One step with prompt tokens: the Triton kernel's time against flash-attn 2's (and the baseline's)."""
+                flash_attn_varlen_func, baselines: dict):
+    """One step with prompt tokens: the Triton kernel's time against flash-attn 2's (and the baselines')."""
     blocks_per_seq = -(-max(lens) // PAGE)
     cache = torch.randn(2, len(lens) * blocks_per_seq, PAGE, kv_heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     tables = torch.randperm(len(lens) * blocks_per_seq, device="cuda").view(len(lens), blocks_per_seq).int()
@@ -127,8 +130,8 @@ def prompt_step(name: str, heads: int, kv_heads: int, q_lens: list[int], lens: l
         tables_padded = torch.cat([tables, tables.new_zeros(seqs - len(lens), blocks_per_seq)])
         runs[f"ours padded to {size} tokens, {seqs} sequences"] = lambda: paged_attention(
             q_padded, cache, cu_padded, lens_padded, tables_padded, size, scale)[:len(q)]
-    if baseline:
-        runs["baseline"] = lambda: baseline(q, cache, cu_q, context_lens, tables, max_q, scale)
+    for stem, baseline in baselines.items():
+        runs[stem] = lambda baseline=baseline: baseline(q, cache, cu_q, context_lens, tables, max_q, scale)
     reference = runs["flash-attn 2"]().float()
     flops = 4 * heads * HEAD_DIM * sum(n * (k - n / 2) for n, k in zip(q_lens, lens))
     line = f"  {name}:"
