@@ -107,9 +107,7 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_pt
     """A decode has one program per (sequence, KV head, split of the keys). Otherwise a fixed number of programs
     per KV head take turns over the (tile of query tokens, split) pairs of the step: the tiles are numbered across
     the batch (sequence i's from cu_seqlens_q[i] // TOKENS + i) and counted over the step's own sequences only, so
-    a CUDA graph holds the grid and its padding (empty sequences past the step's) costs no program. The pairs are
-    dealt split by split: dealt tile by tile to an even number of programs, each program would draw one split only,
-    and half of them only the empty later splits of short sequences."""
+    a CUDA graph holds the grid and its padding (empty sequences past the step's) costs no program."""
     kv_head = tl.program_id(1)
     if DECODE:
         _attend_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, cu_seqlens_q_ptr,
@@ -129,9 +127,8 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_pt
             else:
                 hi = mid
         last = lo - 1
-        num_tiles = total // TOKENS + lo
-        for work in range(tl.program_id(0), num_tiles * SPLITS, tl.num_programs(0)):
-            tile = work % num_tiles
+        for work in range(tl.program_id(0), (total // TOKENS + lo) * SPLITS, tl.num_programs(0)):
+            tile = work // SPLITS
             seq = 0
             hi = last
             while seq < hi:  # the last sequence whose first tile is at or before this one
@@ -143,7 +140,7 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_pt
             first = (tile - tl.load(cu_seqlens_q_ptr + seq) // TOKENS - seq) * TOKENS
             _attend_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, cu_seqlens_q_ptr,
                          context_lens_ptr, block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h,
-                         block_table_stride, num_tokens, num_heads, scale, seq, first, kv_head, work // num_tiles,
+                         block_table_stride, num_tokens, num_heads, scale, seq, first, kv_head, work % SPLITS,
                          NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N, SPLITS, MIN_SPLIT_KEYS)
 
 
