@@ -101,6 +101,13 @@ def check_interpreted():
             raise AssertionError(f"prompt chunks in {splits} splits: {exc}") from None
     for splits in (1, 4):
         check_padding_rows(paged_attention, "cpu", torch.float32, splits)
+    for page in (64, 128):  # pages that hold whole key tiles: one block id per tile
+        try:
+            check(paged_attention, [(1000, 40), (500, 40), (0, 64), (30, 1), (300, 1)], "cpu", torch.float32,
+                  page=page, splits=3)
+            check(paged_attention, CASES["decode"] + [(200, 1), (1700, 1)], "cpu", torch.float32, page=page)
+        except AssertionError as exc:
+            raise AssertionError(f"pages of {page}: {exc}") from None
     for case in ("mixed", "prefix-cached prefill", "decode"):  # as a captured step of 128 tokens and 9 sequences
         seqs = CASES[case]
         check(paged_attention, seqs, "cpu", torch.float32, num_heads=8, num_kv_heads=2,
@@ -112,6 +119,8 @@ def check_interpreted():
     paged_attention.paged_attention = shifted_tables
     with pytest.raises(AssertionError, match="max error"):
         check(paged_attention, CASES["prefix-cached prefill"], "cpu", torch.float32)
+    with pytest.raises(AssertionError, match="max error"):
+        check(paged_attention, [(200, 5), (100, 20)], "cpu", torch.float32, page=64)
 
 
 def test_paged_attention_interpreted_on_cpu():
@@ -149,8 +158,10 @@ def test_paged_attention_padded_as_a_graph_on_gpu(case):
     seqs = CASES[case]
     check(paged_attention, seqs, "cuda", torch.bfloat16, head_dim=128, num_heads=16, num_kv_heads=8, page=16,
           tol=5e-2, padding=(512 - sum(n for _, n in seqs), 32 - len(seqs), 512))
-    check(paged_attention, seqs + [(3000, 200), (0, 1100)], "cuda", torch.bfloat16, head_dim=128, num_heads=16,
-          num_kv_heads=8, page=16, tol=5e-2, padding=(2048 - sum(n for _, n in seqs) - 1300, 30 - len(seqs), 2048))
+    for page in (16, 256):  # a key tile across pages, and within one (the engine's default page)
+        check(paged_attention, seqs + [(3000, 200), (0, 1100)], "cuda", torch.bfloat16, head_dim=128, num_heads=16,
+              num_kv_heads=8, page=page, tol=5e-2,
+              padding=(2048 - sum(n for _, n in seqs) - 1300, 30 - len(seqs), 2048))
 
 
 @pytest.mark.gpu

@@ -20,6 +20,9 @@ def _attend_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr, s
         offs_n = start + tl.arange(0, BLOCK_N)
         if MASKED:
             n_mask = offs_n < hi
+        if PAGE % BLOCK_N == 0:  # the tile lies in one page: one block id, not one per key
+            block_ids = tl.load(block_tables_ptr + seq * block_table_stride + start // PAGE)
+        elif MASKED:
             block_ids = tl.load(block_tables_ptr + seq * block_table_stride + offs_n // PAGE, mask=n_mask, other=0)
         else:
             block_ids = tl.load(block_tables_ptr + seq * block_table_stride + offs_n // PAGE)
