@@ -34,7 +34,7 @@ def _rotary_kernel(q_ptr, k_ptr, q_stride, k_stride, q_out_ptr, k_out_ptr, posit
                    k_weight_ptr, q_eps, k_eps, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
                    HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
                    NORM: tl.constexpr):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)  # token * stride may pass 2**31 in a large step
     offs = tl.arange(0, BLOCK_HALF)
     row = cos_sin_ptr + tl.load(positions_ptr + token).to(tl.int64) * (2 * HALF)
     cos = tl.load(row + offs, mask=offs < HALF, other=0.0)[None, :]
