@@ -8,6 +8,7 @@ batch sizes and prompt step sizes. Times from triton.testing.do_bench of each ca
 the engine's steps run it; the largest difference between the two outputs is printed beside them.
 """
 import torch
+from bench_paged_attention import in_graph
 from triton.testing import do_bench
 
 from nanovllm.kernels.rotary import rotate_queries_keys
@@ -18,16 +19,6 @@ from nanovllm.layers.rotary_embedding import RotaryEmbedding, apply_rotary
 HEAD_DIM = 128
 MODELS = {"Qwen3-0.6B (16/8, QK norms)": (16, 8, True), "Llama-3-8B (32/8)": (32, 8, False)}
 TOKENS = [1, 16, 64, 256, 2048, 16384]
-
-
-def in_graph(run):
-    """``run`` captured in a CUDA graph (after a warm-up call): its replay."""
-    run()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    return graph.replay
 
 
 def main():
