@@ -35,16 +35,18 @@ class FlashAttention2(nanovllm.AttentionBackend):
         self._varlen, self._paged, self._store_kv = flash_attn_varlen_func, paged_attention, store_kv
 
     def forward(self, q, k, v, kv_cache, context: Context):
-        if not kv_cache.numel():  # warm-up: plain prefills of the step's own tokens
+        if kv_cache.numel():  # empty in the warm-up
+            self._store_kv(k, v, kv_cache, context.slot_mapping)
+        if not kv_cache.numel() or context.is_fresh_prefill:
+            # the keys are the step's own tokens: flash-attn's prefill kernel (with a block table it runs its
+            # split-KV one, 10x slower on the throughput benchmark's 16k-token prompt steps on an H100)
             return self._varlen(q, k, v, context.cu_seqlens_q, context.cu_seqlens_q, context.max_seqlen_q,
                                 context.max_seqlen_q, softmax_scale=self.scale, causal=True)
-        self._store_kv(k, v, kv_cache, context.slot_mapping)
-        k_cache, v_cache = kv_cache[0], kv_cache[1]
         if context.is_decode or context.captured:
             return self._paged(q, kv_cache, context.cu_seqlens_q, context.context_lens, context.block_tables,
                                context.max_seqlen_q, self.scale)
-        return self._varlen(q, k_cache, v_cache, context.cu_seqlens_q, context.cu_seqlens_k, context.max_seqlen_q,
-                            context.max_seqlen_k, softmax_scale=self.scale, causal=True,
+        return self._varlen(q, kv_cache[0], kv_cache[1], context.cu_seqlens_q, context.cu_seqlens_k,
+                            context.max_seqlen_q, context.max_seqlen_k, softmax_scale=self.scale, causal=True,
                             block_table=context.block_tables)
 
 

@@ -342,13 +342,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _warmup_sampler(self):
-        """Compile the sampler now, as steps call it, for one row and for many (torch.compile
-        specialises size 1); otherwise the first run pays for the compilation."""
+        """Compile the sampler's Triton kernels now, as steps call them; otherwise the first run pays for it."""
         vocab = self.config.hf_config.vocab_size
-        for rows in (2, 1):
-            temperatures = torch.ones(rows, device=self.device)
-            logits = torch.zeros(rows, vocab, dtype=self.config.torch_dtype, device=self.device)  # as the LM head's
-            self.sampler(logits, temperatures, None, None, [None] * rows, False)
+        temperatures = torch.tensor([0.0, 1.0], device=self.device)  # a greedy row and a sampled one
+        logits = torch.zeros(2, vocab, dtype=self.config.torch_dtype, device=self.device)  # as the LM head's
+        self.sampler(logits, temperatures, None, None, [None] * 2, False)
 
     # ---- steps -------------------------------------------------------------------------------
 

@@ -3,7 +3,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from nanovllm.layers.compile import compile_on_cuda
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
@@ -63,9 +62,12 @@ def apply_min_p(scaled: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return scaled.masked_fill(probs < min_p[:, None] * probs.max(dim=-1, keepdim=True).values, float("-inf"))
 
 
-@compile_on_cuda
 def sample_without_filters(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
-    """No top-k/top-p and no seeds: scaling, Gumbel noise and both argmaxes fuse into one pass."""
+    """No top-k/top-p and no seeds: scaling, Gumbel noise and both argmaxes in one pass over the logits (on CUDA a
+    Triton kernel that splits each row over many programs; triton is imported only where it runs)."""
+    if logits.is_cuda:
+        from nanovllm.kernels.sampling import gumbel_argmax
+        return gumbel_argmax(logits, temperatures)
     scaled = logits.float() / temperatures.clamp(min=1e-5).unsqueeze(1)
     gumbel = -torch.log(-torch.log(torch.rand_like(scaled)))
     return torch.where(temperatures == 0, logits.argmax(dim=-1), (scaled + gumbel).argmax(dim=-1))

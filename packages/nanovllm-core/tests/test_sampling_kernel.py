@@ -1,0 +1,77 @@
+"""The sampler's Triton kernel (Gumbel-max over a vocabulary split across programs): greedy rows are the argmax,
+ties to the smallest id; sampled rows follow softmax(logits / T) across chunk boundaries; torch.manual_seed
+repeats the draws. Under TRITON_INTERPRET=1 on CPU (CI), and compiled on a GPU."""
+import math
+
+import pytest
+import torch
+
+
+def check_greedy(device, dtype, vocab):
+    from nanovllm.kernels.sampling import gumbel_argmax
+    torch.manual_seed(0)
+    rows = 6
+    logits = (torch.randn(rows, vocab) * 4).to(dtype)
+    logits[1, vocab - 1] = 100.0  # the last id, in the last chunk's last quarter
+    logits[2, [5, vocab // 2, vocab - 2]] = 100.0  # ties across chunks: the smallest id
+    logits[3, :] = -3.0  # all equal: id 0
+    logits[4, 4096 + 1024 + 7] = 50.0  # the second chunk's second quarter
+    logits = logits.to(device)
+    out = gumbel_argmax(logits, torch.zeros(rows, device=device))
+    assert out.dtype == torch.int64
+    assert out.tolist() == logits.float().argmax(-1).tolist()
+    assert out[1] == vocab - 1 and out[2] == 5 and out[3] == 0 and out[4] == 4096 + 1024 + 7
+
+
+def check_sampled_frequencies(device, temperatures, rows_per_temperature):
+    """Four likely tokens in two chunks and three quarters (ids 3, 1,500, 4,500 and 5,000 of 5,001), the rest
+    negligible: the draws' frequencies match softmax(logits / T); T = 0 rows take the argmax in the same batch."""
+    from nanovllm.kernels.sampling import gumbel_argmax
+    vocab, likely = 5001, [3, 1500, 4500, 5000]
+    base = torch.full((vocab,), -30.0)
+    base[likely] = torch.tensor([0.0, math.log(2.0), math.log(3.0), math.log(4.0)])
+    n = rows_per_temperature
+    logits = base.expand(len(temperatures) * n, vocab).contiguous().to(device)
+    temps = torch.cat([torch.full((n,), t) for t in temperatures]).to(device)
+    torch.manual_seed(1)
+    out = gumbel_argmax(logits, temps).cpu()
+    for i, t in enumerate(temperatures):
+        drawn = out[i * n:(i + 1) * n]
+        assert set(drawn.tolist()) <= set(likely)
+        weights = [w ** (1 / t) for w in (1, 2, 3, 4)] if t else [0, 0, 0, 1]
+        for token, w in zip(likely, weights):
+            expected, got = w / sum(weights), (drawn == token).float().mean().item()
+            tolerance = 4 * math.sqrt(expected * (1 - expected) / n) + 1e-9
+            assert abs(got - expected) <= tolerance, f"T={t}, token {token}: {got:.3f} against {expected:.3f}"
+    # the global seed repeats the draws, another seed gives others (16 sampled rows, strided as a slice)
+    some = slice(0, 2 * n, n // 8)
+
+    def draw(seed):
+        torch.manual_seed(seed)
+        return gumbel_argmax(logits[some], temps[some]).cpu()
+    assert torch.equal(draw(1), draw(1))
+    assert not torch.equal(draw(1), draw(2))
+
+
+def check_interpreted():
+    for dtype in (torch.float32, torch.bfloat16):
+        check_greedy("cpu", dtype, vocab=2 * 4096 + 5)  # a partial last chunk
+    # the interpreter runs some 70 programs a second: T = 0.25 against 1 still moves each token's share by 0.1-0.3
+    check_sampled_frequencies("cpu", (1.0, 0.25, 0.0), rows_per_temperature=160)
+
+
+def test_sampling_kernel_interpreted_on_cpu():
+    from nanovllm.testing import run_interpreted
+    run_interpreted(__file__, "check_interpreted")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [151936, 32000, 4099])
+def test_sampling_kernel_greedy_on_gpu(dtype, vocab):
+    check_greedy("cuda", dtype, vocab)
+
+
+@pytest.mark.gpu
+def test_sampling_kernel_frequencies_on_gpu():
+    check_sampled_frequencies("cuda", (1.0, 0.5, 2.0, 0.0), rows_per_temperature=20000)
