@@ -27,6 +27,7 @@ for step in "${@:-all}"; do
     if [[ $step == bench || $step == all ]]; then
         upstream=(); [[ -d .gpu/nano-vllm ]] && upstream=(--upstream .gpu/nano-vllm)
         python3 tools/bench_throughput.py "${upstream[@]}" --json "$OUT/summary.json" 2>&1 | tee "$OUT/bench.log" || status=1
+        python3 tools/bench_sampler.py 2>&1 | tee "$OUT/sampler.log" || status=1
     fi
     if [[ $step == latency || $step == all ]]; then
         python3 tools/bench_latency.py --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency.log" || status=1
@@ -37,7 +38,8 @@ for step in "${@:-all}"; do
     if [[ $step == fa1 || $step == all ]]; then
         PYTHONPATH=/tmp/fa1 python3 -m pytest -m gpu -q -p no:cacheprovider packages/nanovllm-attn-fa1 \
             packages/nanovllm-core/tests/test_store_kv_kernel.py packages/nanovllm-core/tests/test_rotary_kernel.py \
-            packages/nanovllm-core/tests/test_paged_attention_kernel.py 2>&1 | tee "$OUT/fa1_tests.log" || status=1
+            packages/nanovllm-core/tests/test_paged_attention_kernel.py packages/nanovllm-core/tests/test_sampling_kernel.py \
+            2>&1 | tee "$OUT/fa1_tests.log" || status=1
         PYTHONPATH=/tmp/fa1 python3 tools/bench_prefill_fa1.py 2>&1 | tee "$OUT/fa1_prefill.log" || status=1
         python3 tools/bench_throughput.py --dtype float16 --backend fa1=/tmp/fa1 --json "$OUT/fa1_vs_fa2.json" 2>&1 \
             | tee "$OUT/fa1_vs_fa2.log" || status=1
