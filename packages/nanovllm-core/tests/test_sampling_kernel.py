@@ -23,6 +23,19 @@ def check_greedy(device, dtype, vocab):
     assert out[1] == vocab - 1 and out[2] == 5 and out[3] == 0 and out[4] == 4096 + 1024 + 7
 
 
+def check_small_vocabularies(device):
+    """A vocabulary of one chunk or less (the tiny test models'), and a batch of no rows."""
+    from nanovllm.kernels.sampling import gumbel_argmax
+    torch.manual_seed(0)
+    for vocab in (1, 50, 4096):
+        logits = torch.randn(5, vocab, device=device)
+        temperatures = torch.tensor([0.0, 1.0, 0.0, 0.7, 0.0], device=device)
+        out = gumbel_argmax(logits, temperatures)
+        greedy = temperatures == 0
+        assert torch.equal(out[greedy], logits.argmax(-1)[greedy]) and ((out >= 0) & (out < vocab)).all()
+    assert gumbel_argmax(torch.randn(0, 10, device=device), torch.zeros(0, device=device)).shape == (0,)
+
+
 def check_sampled_frequencies(device, temperatures, rows_per_temperature):
     """Four likely tokens in two chunks and three quarters (ids 3, 1,500, 4,500 and 5,000 of 5,001), the rest
     negligible: the draws' frequencies match softmax(logits / T); T = 0 rows take the argmax in the same batch."""
@@ -56,6 +69,7 @@ def check_sampled_frequencies(device, temperatures, rows_per_temperature):
 def check_interpreted():
     for dtype in (torch.float32, torch.bfloat16):
         check_greedy("cpu", dtype, vocab=2 * 4096 + 5)  # a partial last chunk
+    check_small_vocabularies("cpu")
     # the interpreter runs some 70 programs a second: T = 0.25 against 1 still moves each token's share by 0.1-0.3
     check_sampled_frequencies("cpu", (1.0, 0.25, 0.0), rows_per_temperature=160)
 
@@ -70,6 +84,11 @@ def test_sampling_kernel_interpreted_on_cpu():
 @pytest.mark.parametrize("vocab", [151936, 32000, 4099])
 def test_sampling_kernel_greedy_on_gpu(dtype, vocab):
     check_greedy("cuda", dtype, vocab)
+
+
+@pytest.mark.gpu
+def test_sampling_kernel_small_vocabularies_on_gpu():
+    check_small_vocabularies("cuda")
 
 
 @pytest.mark.gpu
