@@ -345,8 +345,9 @@ class ModelRunner:
         """Compile the sampler's Triton kernels now, as steps call them; otherwise the first run pays for it."""
         vocab = self.config.hf_config.vocab_size
         temperatures = torch.tensor([0.0, 1.0], device=self.device)  # a greedy row and a sampled one
-        logits = torch.zeros(2, vocab, dtype=self.config.torch_dtype, device=self.device)  # as the LM head's
-        self.sampler(logits, temperatures, None, None, [None] * 2, False)
+        for dtype in (self.config.torch_dtype, torch.float32):  # the LM head's logits, and after penalties
+            logits = torch.zeros(2, vocab, dtype=dtype, device=self.device)
+            self.sampler(logits, temperatures, None, None, [None] * 2, False)
 
     # ---- steps -------------------------------------------------------------------------------
 
