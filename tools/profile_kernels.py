@@ -13,6 +13,7 @@ import os
 import tempfile
 
 import torch
+from profile_steps import time_model_calls
 
 
 def main():
@@ -31,17 +32,8 @@ def main():
         model = args.model or make_random_checkpoint(os.path.join(folder, "m"), dtype=torch.bfloat16, **QWEN3_0_6B)
         llm = LLM(model, max_model_len=4096)
         llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
-        runner, events = llm.model_runner, []
-        run_model = runner.run_model
-
-        def timed_run_model(inputs):
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            out = run_model(inputs)
-            end.record()
-            events.append((begin, end))
-            return out
-        runner.run_model = timed_run_model
+        events = []
+        time_model_calls(llm.model_runner, events)
         for prompt, sp in zip(prompts, params):
             llm.add_request(prompt, sp)
         step = 0
@@ -61,7 +53,7 @@ def main():
                 torch.cuda.synchronize()
             kernels = sorted(profiler.key_averages(), key=lambda e: -e.self_device_time_total)
             total = sum(e.self_device_time_total for e in kernels) / steps / 1000
-            between = sum(begin.elapsed_time(end) for begin, end in events) / steps
+            between = sum(begin.elapsed_time(end) for _, begin, end in events) / steps
             print(f"\nsteps {step}-{step + steps - 1}: batch {batch}, mean length {mean_len:.0f}; kernels {total:.3f} "
                   f"ms/step, between events around the model {between:.3f} ms/step")
             for e in kernels[:args.top]:

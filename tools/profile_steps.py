@@ -16,12 +16,9 @@ import time
 import torch
 
 
-def profile(model, prompts, params, async_scheduling):
-    from nanovllm import LLM, SamplingParams
-    llm = LLM(model, max_model_len=4096, async_scheduling=async_scheduling)
-    llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
-    runner = llm.model_runner
-    run_model, events = runner.run_model, []
+def time_model_calls(runner, events: list):
+    """Wrap ``runner.run_model`` so that each call appends (step kind, CUDA event before, CUDA event after)."""
+    run_model = runner.run_model
 
     def timed_run_model(inputs):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -31,6 +28,14 @@ def profile(model, prompts, params, async_scheduling):
         events.append(("decode" if inputs.is_decode else "prefill", begin, end))
         return logits
     runner.run_model = timed_run_model
+
+
+def profile(model, prompts, params, async_scheduling):
+    from nanovllm import LLM, SamplingParams
+    llm = LLM(model, max_model_len=4096, async_scheduling=async_scheduling)
+    llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
+    events = []
+    time_model_calls(llm.model_runner, events)
     for prompt, sp in zip(prompts, params):
         llm.add_request(prompt, sp)
     start = time.perf_counter()
