@@ -11,13 +11,10 @@ import torch
 from triton.testing import do_bench
 
 from nanovllm.kernels.sampling import gumbel_argmax
+from nanovllm.layers.sampler import gumbel_argmax_torch
 
 
-@torch.compile(dynamic=True)
-def compiled_gumbel_argmax(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
-    scaled = logits.float() / temperatures.clamp(min=1e-5).unsqueeze(1)
-    gumbel = -torch.log(-torch.log(torch.rand_like(scaled)))
-    return torch.where(temperatures == 0, logits.argmax(dim=-1), (scaled + gumbel).argmax(dim=-1))
+compiled_gumbel_argmax = torch.compile(gumbel_argmax_torch, dynamic=True)  # as the sampler ran before the kernel
 
 
 def main():

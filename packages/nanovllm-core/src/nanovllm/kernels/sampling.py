@@ -20,19 +20,21 @@ def _best_of_quarter(row_ptr, start, vocab, offs, temperature, uniform, SAMPLE: 
 
 
 @triton.jit
+def _better(best, best_id, value, index):
+    """The larger of two (score, id) pairs; the first on a tie (its id is the smaller)."""
+    return tl.maximum(value, best), tl.where(value > best, index, best_id)
+
+
+@triton.jit
 def _best_of_chunk(row_ptr, first, vocab, offs, temperature, u0, u1, u2, u3, QUARTER: tl.constexpr,
                    SAMPLE: tl.constexpr):
     best, best_id = _best_of_quarter(row_ptr, first, vocab, offs, temperature, u0, SAMPLE)
     value, index = _best_of_quarter(row_ptr, first + QUARTER, vocab, offs, temperature, u1, SAMPLE)
-    best_id = tl.where(value > best, index, best_id)  # strictly larger: the smaller id wins a tie
-    best = tl.maximum(value, best)
+    best, best_id = _better(best, best_id, value, index)
     value, index = _best_of_quarter(row_ptr, first + 2 * QUARTER, vocab, offs, temperature, u2, SAMPLE)
-    best_id = tl.where(value > best, index, best_id)
-    best = tl.maximum(value, best)
+    best, best_id = _better(best, best_id, value, index)
     value, index = _best_of_quarter(row_ptr, first + 3 * QUARTER, vocab, offs, temperature, u3, SAMPLE)
-    best_id = tl.where(value > best, index, best_id)
-    best = tl.maximum(value, best)
-    return best, best_id
+    return _better(best, best_id, value, index)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -46,7 +48,7 @@ def _chunk_best_kernel(logits_ptr, row_stride, temperatures_ptr, values_ptr, ids
     offs = tl.arange(0, QUARTER)
     row_ptr = logits_ptr + row * row_stride
     temperature = tl.load(temperatures_ptr + row)
-    if temperature == 0:  # greedy
+    if temperature == 0:  # greedy: no noise (offs stands in for the unread uniforms)
         best, best_id = _best_of_chunk(row_ptr, first, vocab, offs, temperature, offs, offs, offs, offs, QUARTER,
                                        False)
     else:

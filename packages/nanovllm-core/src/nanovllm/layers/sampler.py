@@ -4,7 +4,6 @@ import torch
 from torch import nn
 
 
-
 def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Set to -inf every logit outside each row's top-k, then outside its top-p nucleus.
 
@@ -68,6 +67,11 @@ def sample_without_filters(logits: torch.Tensor, temperatures: torch.Tensor) -> 
     if logits.is_cuda:
         from nanovllm.kernels.sampling import gumbel_argmax
         return gumbel_argmax(logits, temperatures)
+    return gumbel_argmax_torch(logits, temperatures)
+
+
+def gumbel_argmax_torch(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+    """sample_without_filters in PyTorch (CPU and MPS; tools/bench_sampler.py compiles it against the kernel)."""
     scaled = logits.float() / temperatures.clamp(min=1e-5).unsqueeze(1)
     gumbel = -torch.log(-torch.log(torch.rand_like(scaled)))
     return torch.where(temperatures == 0, logits.argmax(dim=-1), (scaled + gumbel).argmax(dim=-1))
