@@ -5,6 +5,10 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
+
+from nanovllm.kernels.sampling import gumbel_noise
 
 
 def check_greedy(device, dtype, vocab):
@@ -68,7 +72,23 @@ def check_sampled_frequencies(device, temperatures, rows_per_temperature):
     assert not torch.equal(draw(1), draw(2))
 
 
+@triton.jit
+def _noise_kernel(u_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, gumbel_noise(tl.load(u_ptr + offs)))
+
+
+def check_noise_finite(device):
+    """Uniforms of exactly 0 and 1 (tl.rand gives both, rarely): 1 must not give +inf noise, which always wins."""
+    u = torch.tensor([0.0, 1e-30, 0.5, 0.99999994, 1.0, 1.0, 1.0, 1.0], device=device)
+    out = torch.empty_like(u)
+    _noise_kernel[(1,)](u, out, N=len(u))
+    assert out[0] == float("-inf") and out[1:].isfinite().all() and out.max() < 16.7, out.tolist()
+    assert abs(out[2].item() + math.log(math.log(2.0))) < 1e-6
+
+
 def check_interpreted():
+    check_noise_finite("cpu")
     for dtype in (torch.float32, torch.bfloat16):
         check_greedy("cpu", dtype, vocab=2 * 4096 + 5)  # a partial last chunk
     check_small_vocabularies("cpu")
@@ -91,6 +111,7 @@ def test_sampling_kernel_greedy_on_gpu(dtype, vocab):
 @pytest.mark.gpu
 def test_sampling_kernel_small_vocabularies_on_gpu():
     check_small_vocabularies("cuda")
+    check_noise_finite("cuda")
 
 
 @pytest.mark.gpu
