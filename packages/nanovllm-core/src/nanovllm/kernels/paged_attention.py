@@ -11,40 +11,62 @@ from nanovllm.kernels import multiprocessors, shared_memory
 
 
 @triton.jit
+def _attend_key_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, slots, kv_head, offs_d, d_mask, offs_n, n_mask,
+                     q_pos, scale, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
+    """One tile of keys at cache ``slots`` into the online softmax. MASKED: some rows do not see some of these keys
+    (causality, or keys past the end: n_mask); else every row sees every key."""
+    kv_offsets = slots[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + offs_d[None, :]
+    if MASKED:
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+    else:
+        kv_mask = d_mask[None, :]
+    k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
+    qk = tl.dot(q, tl.trans(k)) * scale
+    if MASKED:
+        qk = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :], qk, float("-inf"))
+    # A row sees its split's first key or none of the split (the keys it sees are a prefix): then its maximum
+    # is finite after the first tile, or it stays NaN and is weighed as having seen nothing by the caller.
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+PAGES_AT_ONCE = tl.constexpr(16)
+
+
+@triton.jit
 def _attend_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, block_table_stride, kv_head,
                  offs_d, d_mask, q_pos, scale, lo, hi, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                  PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-    """Online softmax of the tile's rows over keys lo..hi (lo a multiple of BLOCK_N). MASKED: some rows do not see
-    some of these keys (causality, or hi not a multiple of BLOCK_N); else every row sees every key."""
-    for start in range(lo, hi, BLOCK_N):
-        offs_n = start + tl.arange(0, BLOCK_N)
-        if MASKED:
+    """Online softmax of the tile's rows over keys lo..hi (lo a multiple of BLOCK_N)."""
+    table = block_tables_ptr + seq * block_table_stride
+    if PAGE % BLOCK_N == 0:
+        # A page holds whole key tiles. Its block id is taken from PAGES_AT_ONCE ids loaded before the key loop: a
+        # load in the loop that K's and V's addresses wait on kept Triton from prefetching them more than one tile
+        # ahead (as a decode's 3 stages compiled, K and V had one buffer each)
+        pages = tl.arange(0, PAGES_AT_ONCE)
+        end_page = tl.cdiv(hi, PAGE)
+        for first_page in range(lo // PAGE, end_page, PAGES_AT_ONCE):
+            ids = tl.load(table + first_page + pages, mask=first_page + pages < end_page, other=0).to(tl.int64)
+            for start in range(tl.maximum(lo, first_page * PAGE), tl.minimum(hi, (first_page + PAGES_AT_ONCE) * PAGE),
+                               BLOCK_N):
+                offs_n = start + tl.arange(0, BLOCK_N)
+                block_id = tl.sum(tl.where(pages == start // PAGE - first_page, ids, 0))
+                m_i, l_i, acc = _attend_key_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr,
+                                                 block_id * PAGE + offs_n % PAGE, kv_head, offs_d, d_mask, offs_n,
+                                                 offs_n < hi, q_pos, scale, NUM_KV_HEADS, HEAD_DIM, MASKED)
+    else:
+        for start in range(lo, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
             n_mask = offs_n < hi
-        if PAGE % BLOCK_N == 0:  # the tile lies in one page: one block id, not one per key
-            block_ids = tl.load(block_tables_ptr + seq * block_table_stride + start // PAGE)
-        elif MASKED:
-            block_ids = tl.load(block_tables_ptr + seq * block_table_stride + offs_n // PAGE, mask=n_mask, other=0)
-        else:
-            block_ids = tl.load(block_tables_ptr + seq * block_table_stride + offs_n // PAGE)
-        slots = block_ids.to(tl.int64) * PAGE + offs_n % PAGE
-        kv_offsets = slots[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + offs_d[None, :]
-        if MASKED:
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-        else:
-            kv_mask = d_mask[None, :]
-        k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k)) * scale
-        if MASKED:
-            qk = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :], qk, float("-inf"))
-        # A row sees its split's first key or none of the split (the keys it sees are a prefix): then its maximum
-        # is finite after the first tile, or it stays NaN and is weighed as having seen nothing by the caller.
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+            block_ids = tl.load(table + offs_n // PAGE, mask=n_mask, other=0)
+            m_i, l_i, acc = _attend_key_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr,
+                                             block_ids.to(tl.int64) * PAGE + offs_n % PAGE, kv_head, offs_d, d_mask,
+                                             offs_n, n_mask, q_pos, scale, NUM_KV_HEADS, HEAD_DIM, MASKED)
     return m_i, l_i, acc
 
 
@@ -197,13 +219,14 @@ def programs_per_kv_head(num_kv_heads: int, device: torch.device) -> int:
 
 
 def tile_config(block_m: int, block_d: int, decode: bool, device: torch.device) -> dict:
-    """Keys per K/V tile and pipeline stages: 64 keys, in 3 stages for a decode (the best of 32, 64 and 128 keys
-    on an H200) and 2 for prompt tokens (as fast as 3 or faster on an H100), where the stages of K and V tiles fit
-    in shared memory beside the query tile, else fewer (on a Turing GPU at head size 128: 32 keys in 2 stages)."""
+    """Keys per K/V tile and pipeline stages: 64 keys, in 4 stages for a decode and 3 for prompt tokens (on an H100
+    up to 1.25x faster than 3 and 2 on steps with long sequences, never slower by more than 2%: benchmarks/RESULTS.md)
+    where the stages of K and V tiles fit in shared memory beside the query tile, else fewer (on a Turing GPU at head
+    size 128: 32 keys in 2 stages)."""
     if device.type != "cuda":  # Triton's CPU interpreter: stages do not apply
         return dict(BLOCK_N=64)
     shared = shared_memory(device)
-    for block_n, stages in ((64, 3), (64, 2), (32, 2), (16, 2))[0 if decode else 1:]:
+    for block_n, stages in ((64, 4), (64, 3), (64, 2), (32, 2), (16, 2))[0 if decode else 1:]:
         if (stages * 2 * block_n + 2 * block_m) * block_d * 2 <= shared:  # K, V stages; Q and a margin as large
             return dict(BLOCK_N=block_n, num_stages=stages)
     return dict(BLOCK_N=16, num_stages=1)
