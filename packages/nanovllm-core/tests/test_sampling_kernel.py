@@ -5,10 +5,6 @@ import math
 
 import pytest
 import torch
-import triton
-import triton.language as tl
-
-from nanovllm.kernels.sampling import gumbel_noise
 
 
 def check_greedy(device, dtype, vocab):
@@ -44,10 +40,11 @@ def check_small_vocabularies(device):
 def check_sampled_frequencies(device, temperatures, rows_per_temperature):
     """Four likely tokens, one in each quarter of a chunk's four (ids 1,500, 2,100 and 3,500 of the first, 5,000 of
     the second, of 5,001): each quarter's noise is drawn and compared, across chunks. The rest
-    negligible: the draws' frequencies match softmax(logits / T); T = 0 rows take the argmax in the same batch."""
+    negligible at every T tested: the draws' frequencies match softmax(logits / T); T = 0 rows take the argmax in
+    the same batch."""
     from nanovllm.kernels.sampling import gumbel_argmax
     vocab, likely = 5001, [1500, 2100, 3500, 5000]
-    base = torch.full((vocab,), -30.0)
+    base = torch.full((vocab,), -60.0)  # at T = 2, -30 would be drawn some 5 times in 20,000 rows
     base[likely] = torch.tensor([0.0, math.log(2.0), math.log(3.0), math.log(4.0)])
     n = rows_per_temperature
     logits = base.expand(len(temperatures) * n, vocab).contiguous().to(device)
@@ -72,23 +69,7 @@ def check_sampled_frequencies(device, temperatures, rows_per_temperature):
     assert not torch.equal(draw(1), draw(2))
 
 
-@triton.jit
-def _noise_kernel(u_ptr, out_ptr, N: tl.constexpr):
-    offs = tl.arange(0, N)
-    tl.store(out_ptr + offs, gumbel_noise(tl.load(u_ptr + offs)))
-
-
-def check_noise_finite(device):
-    """Uniforms of exactly 0 and 1 (tl.rand gives both, rarely): 1 must not give +inf noise, which always wins."""
-    u = torch.tensor([0.0, 1e-30, 0.5, 0.99999994, 1.0, 1.0, 1.0, 1.0], device=device)
-    out = torch.empty_like(u)
-    _noise_kernel[(1,)](u, out, N=len(u))
-    assert out[0] == float("-inf") and out[1:].isfinite().all() and out.max() < 16.7, out.tolist()
-    assert abs(out[2].item() + math.log(math.log(2.0))) < 1e-6
-
-
 def check_interpreted():
-    check_noise_finite("cpu")
     for dtype in (torch.float32, torch.bfloat16):
         check_greedy("cpu", dtype, vocab=2 * 4096 + 5)  # a partial last chunk
     check_small_vocabularies("cpu")
@@ -111,7 +92,6 @@ def test_sampling_kernel_greedy_on_gpu(dtype, vocab):
 @pytest.mark.gpu
 def test_sampling_kernel_small_vocabularies_on_gpu():
     check_small_vocabularies("cuda")
-    check_noise_finite("cuda")
 
 
 @pytest.mark.gpu

@@ -9,19 +9,12 @@ QUARTER = 1024  # a program's chunk is four of these: one Philox draw gives four
 
 
 @triton.jit
-def gumbel_noise(uniform):
-    """-log(-log(u)). tl.rand's uniforms round to exactly 1.0 some 3 times in 10^8 (an H100 test drew one: at
-    151,936 ids a row that is 1 in 220), and that noise is +inf, a random token: held below 1 it stays under 16.7."""
-    return -tl.log(-tl.log(tl.minimum(uniform, 0.99999994)))
-
-
-@triton.jit
 def _best_of_quarter(row_ptr, start, vocab, offs, temperature, uniform, SAMPLE: tl.constexpr):
     """The largest score among the vocabulary's ids start + offs, and its id (the smallest id among equals)."""
     ids = start + offs
     scores = tl.load(row_ptr + ids, mask=ids < vocab, other=float("-inf")).to(tl.float32)
     if SAMPLE:  # argmax(logits / T + Gumbel noise) draws from softmax(logits / T)
-        scores = scores / temperature + gumbel_noise(uniform)
+        scores = scores / temperature - tl.log(-tl.log(uniform))
     value, index = tl.max(scores, 0, return_indices=True)
     return value, start + index
 
