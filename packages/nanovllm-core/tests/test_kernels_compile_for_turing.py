@@ -18,8 +18,9 @@ POINTER_TYPES = {torch.float16: "*fp16", torch.float32: "*fp32", torch.int32: "*
 
 
 def compile_for_turing(kernel, values: dict, num_warps: int = 4, num_stages: int = 2):
-    """``kernel`` compiled for sm_75 with the types of ``values`` (tensors, ints, floats; constexprs by value),
-    specialised as Triton's JIT specialises a launch: pointers and multiples of 16 marked 16-divisible."""
+    """``kernel`` compiled for sm_75 with the types of ``values`` (tensors, int32s, floats; constexprs by value),
+    specialised as Triton's JIT specialises a launch: pointers and multiples of 16 marked 16-divisible, ints of 1
+    made constants."""
     signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(kernel.params):
         value = values.get(param.name, param.default)
@@ -29,6 +30,8 @@ def compile_for_turing(kernel, values: dict, num_warps: int = 4, num_stages: int
             signature[param.name], attrs[(i,)] = POINTER_TYPES[value.dtype], [["tt.divisibility", 16]]
         elif isinstance(value, float):
             signature[param.name] = "fp32"
+        elif value == 1 and not param.do_not_specialize:
+            signature[param.name], constexprs[(i,)] = "constexpr", 1
         else:
             signature[param.name] = "i32"
             if value % 16 == 0 and not param.do_not_specialize:
@@ -46,10 +49,9 @@ def on_turing(module):
     return unittest.mock.patch.object(module, "shared_memory", lambda device: TURING_SHARED_MEMORY)
 
 
-H = torch.empty(1, dtype=torch.float16)
-F = torch.empty(1, dtype=torch.float32)
-I32 = torch.empty(1, dtype=torch.int32)
-I64 = torch.empty(1, dtype=torch.int64)
+# one-element tensors standing for pointers of each type
+FP16, FP32 = torch.empty(1, dtype=torch.float16), torch.empty(1, dtype=torch.float32)
+INT32, INT64 = torch.empty(1, dtype=torch.int32), torch.empty(1, dtype=torch.int64)
 CUDA = torch.device("cuda")
 
 
@@ -66,28 +68,29 @@ def test_paged_attention_compiles_for_turing(head_dim, heads, kv_heads, page, de
     with on_turing(paged_attention):
         config = paged_attention.tile_config(block_m, block_d, decode, CUDA)
     for splits in (1, 4):
-        values = dict(q_ptr=H, k_cache_ptr=H, v_cache_ptr=H, out_ptr=H, partial_ptr=F, lse_ptr=F, cu_seqlens_q_ptr=I32,
-                      context_lens_ptr=I32, block_tables_ptr=I32, q_stride_t=heads * head_dim, q_stride_h=head_dim,
-                      o_stride_t=heads * head_dim, o_stride_h=head_dim, block_table_stride=7, num_tokens=5,
-                      num_heads=heads, num_seqs=3, scale=0.1, NUM_KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim,
-                      BLOCK_D=block_d, PAGE=page, BLOCK_M=block_m, SPLITS=splits,
+        values = dict(q_ptr=FP16, k_cache_ptr=FP16, v_cache_ptr=FP16, out_ptr=FP16, partial_ptr=FP32, lse_ptr=FP32,
+                      cu_seqlens_q_ptr=INT32, context_lens_ptr=INT32, block_tables_ptr=INT32,
+                      q_stride_t=heads * head_dim, q_stride_h=head_dim, o_stride_t=heads * head_dim,
+                      o_stride_h=head_dim, block_table_stride=16, num_tokens=1 if decode else 5, num_heads=heads,
+                      num_seqs=1 if decode else 3, scale=0.1, NUM_KV_HEADS=kv_heads, GROUP=group,
+                      HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page, BLOCK_M=block_m, SPLITS=splits,
                       MIN_SPLIT_KEYS=paged_attention.MIN_SPLIT_KEYS, DECODE=decode, BLOCK_N=config["BLOCK_N"])
         fits(compile_for_turing(paged_attention._paged_attention_kernel, values,
                                 num_stages=config.get("num_stages", 2)))
     fits(compile_for_turing(paged_attention._combine_splits_kernel, dict(
-        partial_ptr=F, lse_ptr=F, out_ptr=H, num_tokens=5, num_heads=heads, o_stride_t=heads * head_dim,
+        partial_ptr=FP32, lse_ptr=FP32, out_ptr=FP16, num_tokens=5, num_heads=heads, o_stride_t=heads * head_dim,
         o_stride_h=head_dim, HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS=4, BLOCK_S=4)))
 
 
 @pytest.mark.parametrize("norm", [True, False], ids=["qk-norms", "rotary-only"])
 def test_rotary_and_store_kv_compile_for_turing(norm):
     fits(compile_for_turing(rotary._rotary_kernel, dict(
-        q_ptr=H, k_ptr=H, q_stride=4096, k_stride=4096, q_out_ptr=H, k_out_ptr=H, positions_ptr=I64, cos_sin_ptr=F,
-        q_weight_ptr=H, k_weight_ptr=H, q_eps=1e-6, k_eps=1e-6, NUM_HEADS=16, NUM_KV_HEADS=8, HALF=64, BLOCK_HQ=16,
-        BLOCK_HK=8, BLOCK_HALF=64, NORM=norm)))
+        q_ptr=FP16, k_ptr=FP16, q_stride=4096, k_stride=4096, q_out_ptr=FP16, k_out_ptr=FP16, positions_ptr=INT64,
+        cos_sin_ptr=FP32, q_weight_ptr=FP16, k_weight_ptr=FP16, q_eps=1e-6, k_eps=1e-6, NUM_HEADS=16,
+        NUM_KV_HEADS=8, HALF=64, BLOCK_HQ=16, BLOCK_HK=8, BLOCK_HALF=64, NORM=norm)))
     fits(compile_for_turing(store_kv._store_kv_kernel, dict(
-        k_ptr=H, v_ptr=H, k_stride=4096, v_stride=4096, k_cache_ptr=H, v_cache_ptr=H, slot_ptr=I64, ROW=1024,
-        BLOCK=1024)))
+        k_ptr=FP16, v_ptr=FP16, k_stride=4096, v_stride=4096, k_cache_ptr=FP16, v_cache_ptr=FP16, slot_ptr=INT64,
+        ROW=1024, BLOCK=1024)))
 
 
 # (N, K) of [E, N, K] weights: Mixtral's gate/up and down; the svd manager's rank-256 factors (V13 [2r, H], V_down)
@@ -99,25 +102,25 @@ GROUPED_SHAPES = [(28672, 4096), (4096, 14336), (512, 4096), (256, 14336)]
 def test_grouped_matmul_compiles_for_turing(n, k, block_m):
     with on_turing(grouped_moe):
         config = grouped_moe.tile_config(block_m, n, k, CUDA)
-    for split_k, out, scale in ((1, H, False), (4, F, True)):
-        values = dict(a_ptr=H, w_ptr=H, out_ptr=out, scale_ptr=F, pair_ids_ptr=I64, block_experts_ptr=I32,
-                      num_pairs=2, N=n, K=k, stride_a=k, stride_we=n * k, stride_wn=k, stride_out=n, A_ROW_DIV=2,
-                      SCALE=scale, BLOCK_M=block_m, SPLIT_K=split_k, BLOCK_N=config["BLOCK_N"],
-                      BLOCK_K=config["BLOCK_K"])
+    for split_k, out, scale in ((1, FP16, False), (4, FP32, True)):
+        values = dict(a_ptr=FP16, w_ptr=FP16, out_ptr=out, scale_ptr=FP32, pair_ids_ptr=INT64,
+                      block_experts_ptr=INT32, num_pairs=2, N=n, K=k, stride_a=k, stride_we=n * k, stride_wn=k,
+                      stride_out=n, A_ROW_DIV=2, SCALE=scale, BLOCK_M=block_m, SPLIT_K=split_k,
+                      BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"])
         fits(compile_for_turing(grouped_moe._grouped_matmul_kernel, values, config["num_warps"],
                                 config["num_stages"]))
 
 
 def test_moe_routing_and_sampling_compile_for_turing():
     fits(compile_for_turing(grouped_moe._sort_pairs_kernel, dict(
-        ids_ptr=I64, pair_ids_ptr=I64, block_experts_ptr=I32, num_pairs=2, num_experts=8, max_tiles=9, PAIRS=2,
+        ids_ptr=INT64, pair_ids_ptr=INT64, block_experts_ptr=INT32, num_pairs=2, num_experts=8, max_tiles=9, PAIRS=2,
         EXPERTS=8, TILES=16, BLOCK_M=16)))
     fits(compile_for_turing(routing._top_k_routing_kernel, dict(
-        logits_ptr=H, weights_ptr=F, ids_ptr=I64, tokens=3, num_experts=8, stride_logits=8, TOP_K=2, NORMALIZE=True,
-        BLOCK_T=16, EXPERTS=8, K_SLOTS=2)))
-    for logits in (H, F):  # the model's dtype, or float32 after penalties
+        logits_ptr=FP16, weights_ptr=FP32, ids_ptr=INT64, tokens=3, num_experts=8, stride_logits=8, TOP_K=2,
+        NORMALIZE=True, BLOCK_T=16, EXPERTS=8, K_SLOTS=2)))
+    for logits in (FP16, FP32):  # the model's dtype, or float32 after penalties
         fits(compile_for_turing(sampling._chunk_best_kernel, dict(
-            logits_ptr=logits, row_stride=151936, temperatures_ptr=F, values_ptr=F, ids_ptr=I32, seed=12345,
+            logits_ptr=logits, row_stride=151936, temperatures_ptr=FP32, values_ptr=FP32, ids_ptr=INT32, seed=12345,
             vocab=151936, QUARTER=sampling.QUARTER)))
-    fits(compile_for_turing(sampling._pick_kernel, dict(values_ptr=F, ids_ptr=I32, out_ptr=I64, num_chunks=38,
-                                                        BLOCK_C=64)))
+    fits(compile_for_turing(sampling._pick_kernel, dict(values_ptr=FP32, ids_ptr=INT32, out_ptr=INT64,
+                                                        num_chunks=38, BLOCK_C=64)))

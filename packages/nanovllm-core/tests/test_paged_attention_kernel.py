@@ -137,6 +137,9 @@ def test_paged_attention_splits_on_gpu_fp16(splits):
     assert paged_attention.key_splits(5, 2, True, torch.device("cuda")) > 1
     check(paged_attention, CASES["decode"] + [(700, 1)], "cuda", torch.float16, head_dim=128, num_heads=8,
           page=16, tol=2e-2, splits=splits)
+    # pages holding whole key tiles, 20 of them: block ids are read 16 pages at a time
+    check(paged_attention, CASES["decode"] + [(5000, 1)], "cuda", torch.float16, head_dim=128, num_heads=8,
+          page=256, tol=2e-2, splits=splits)
     check_padding_rows(paged_attention, "cuda", torch.float16, splits)
 
 
@@ -158,8 +161,8 @@ def test_paged_attention_padded_as_a_graph_on_gpu(case):
     seqs = CASES[case]
     check(paged_attention, seqs, "cuda", torch.bfloat16, head_dim=128, num_heads=16, num_kv_heads=8, page=16,
           tol=5e-2, padding=(512 - sum(n for _, n in seqs), 32 - len(seqs), 512))
-    for page in (16, 256):  # a key tile across pages, and within one (the engine's default page)
-        check(paged_attention, seqs + [(3000, 200), (0, 1100)], "cuda", torch.bfloat16, head_dim=128, num_heads=16,
+    for page in (16, 256):  # a key tile across pages, and within one (the engine's default page; 19 pages)
+        check(paged_attention, seqs + [(4500, 200), (0, 1100)], "cuda", torch.bfloat16, head_dim=128, num_heads=16,
               num_kv_heads=8, page=page, tol=5e-2,
               padding=(2048 - sum(n for _, n in seqs) - 1300, 30 - len(seqs), 2048))
 

@@ -11,12 +11,13 @@ from nanovllm.kernels import multiprocessors, shared_memory
 
 
 @triton.jit
-def _attend_key_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, slots, kv_head, offs_d, d_mask, offs_n, n_mask,
-                     q_pos, scale, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
-    """One tile of keys at cache ``slots`` into the online softmax. MASKED: some rows do not see some of these keys
-    (causality, or keys past the end: n_mask); else every row sees every key."""
+def _attend_key_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, slots, kv_head, offs_d, d_mask, offs_n, hi, q_pos,
+                     scale, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
+    """The tile of keys ``offs_n`` (at cache ``slots``) into the online softmax. MASKED: some rows do not see some
+    of these keys (causality, or keys from ``hi`` on); else every row sees every key."""
     kv_offsets = slots[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + offs_d[None, :]
     if MASKED:
+        n_mask = offs_n < hi
         kv_mask = n_mask[:, None] & d_mask[None, :]
     else:
         kv_mask = d_mask[None, :]
@@ -26,7 +27,7 @@ def _attend_key_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, slots, kv_head,
     if MASKED:
         qk = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :], qk, float("-inf"))
     # A row sees its split's first key or none of the split (the keys it sees are a prefix): then its maximum
-    # is finite after the first tile, or it stays NaN and is weighed as having seen nothing by the caller.
+    # is finite after the first tile, or it stays NaN and _attend_tile weighs it as having seen nothing.
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.exp(m_i - m_new)
     p = tl.exp(qk - m_new[:, None])
@@ -42,12 +43,10 @@ PAGES_AT_ONCE = tl.constexpr(16)
 def _attend_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, block_table_stride, kv_head,
                  offs_d, d_mask, q_pos, scale, lo, hi, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                  PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-    """Online softmax of the tile's rows over keys lo..hi (lo a multiple of BLOCK_N)."""
+    """Online softmax of the tile's rows over keys lo..hi (lo a multiple of BLOCK_N). MASKED: some rows do not see
+    some of these keys (causality, or hi not a multiple of BLOCK_N); else every row sees every key."""
     table = block_tables_ptr + seq * block_table_stride
-    if PAGE % BLOCK_N == 0:
-        # A page holds whole key tiles. Its block id is taken from PAGES_AT_ONCE ids loaded before the key loop: a
-        # load in the loop that K's and V's addresses wait on kept Triton from prefetching them more than one tile
-        # ahead (as a decode's 3 stages compiled, K and V had one buffer each)
+    if PAGE % BLOCK_N == 0:  # whole tiles in a page: block ids loaded ahead, so no load in the key loop holds up K/V
         pages = tl.arange(0, PAGES_AT_ONCE)
         end_page = tl.cdiv(hi, PAGE)
         for first_page in range(lo // PAGE, end_page, PAGES_AT_ONCE):
@@ -57,16 +56,15 @@ def _attend_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr, s
                 offs_n = start + tl.arange(0, BLOCK_N)
                 block_id = tl.sum(tl.where(pages == start // PAGE - first_page, ids, 0))
                 m_i, l_i, acc = _attend_key_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr,
-                                                 block_id * PAGE + offs_n % PAGE, kv_head, offs_d, d_mask, offs_n,
-                                                 offs_n < hi, q_pos, scale, NUM_KV_HEADS, HEAD_DIM, MASKED)
+                                                 block_id * PAGE + offs_n % PAGE, kv_head, offs_d, d_mask, offs_n, hi,
+                                                 q_pos, scale, NUM_KV_HEADS, HEAD_DIM, MASKED)
     else:
         for start in range(lo, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < hi
-            block_ids = tl.load(table + offs_n // PAGE, mask=n_mask, other=0)
+            block_ids = tl.load(table + offs_n // PAGE, mask=offs_n < hi, other=0)
             m_i, l_i, acc = _attend_key_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr,
                                              block_ids.to(tl.int64) * PAGE + offs_n % PAGE, kv_head, offs_d, d_mask,
-                                             offs_n, n_mask, q_pos, scale, NUM_KV_HEADS, HEAD_DIM, MASKED)
+                                             offs_n, hi, q_pos, scale, NUM_KV_HEADS, HEAD_DIM, MASKED)
     return m_i, l_i, acc
 
 
@@ -220,9 +218,8 @@ def programs_per_kv_head(num_kv_heads: int, device: torch.device) -> int:
 
 def tile_config(block_m: int, block_d: int, decode: bool, device: torch.device) -> dict:
     """Keys per K/V tile and pipeline stages: 64 keys, in 4 stages for a decode and 3 for prompt tokens (on an H100
-    up to 1.25x faster than 3 and 2 on steps with long sequences, never slower by more than 2%: benchmarks/RESULTS.md)
-    where the stages of K and V tiles fit in shared memory beside the query tile, else fewer (on a Turing GPU at head
-    size 128: 32 keys in 2 stages)."""
+    up to 1.12x faster than 3 and 2, at most 1% slower: benchmarks/RESULTS.md) where the stages of K and V tiles fit
+    in shared memory beside the query tile, else fewer (on a Turing GPU at head size 128: 32 keys in 2 stages)."""
     if device.type != "cuda":  # Triton's CPU interpreter: stages do not apply
         return dict(BLOCK_N=64)
     shared = shared_memory(device)
