@@ -168,24 +168,27 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_pt
 
 
 @triton.jit
-def _combine_splits_kernel(partial_ptr, lse_ptr, out_ptr, num_tokens, num_heads, o_stride_t, o_stride_h,
-                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
-                           BLOCK_S: tl.constexpr):
-    """out = the splits' outputs weighted by exp(their log-sum-exp), for one (token, head)."""
+def _combine_splits_kernel(partial_ptr, lse_ptr, out_ptr, cu_seqlens_q_ptr, num_seqs, num_tokens, num_heads,
+                           o_stride_t, o_stride_h, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                           SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    """out = the splits' outputs weighted by exp(their log-sum-exp), for one (token, head). A CUDA graph's padding
+    tokens (past the step's own) are skipped, and so are the partial outputs of splits that saw no key: a short
+    sequence's, or a decode's in a step with a long prompt chunk."""
     token = tl.program_id(0)
     head = tl.program_id(1)
-    splits = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    at = (splits * num_tokens + token) * num_heads + head
-    lse = tl.load(lse_ptr + at, mask=splits < SPLITS, other=float("-inf"))
-    seen = lse > float("-inf")  # none for a CUDA graph's padding rows
-    weight = tl.where(seen, tl.exp(lse - tl.max(lse, 0)), 0.0)
-    partial = tl.load(partial_ptr + at[:, None] * HEAD_DIM + offs_d[None, :],
-                      mask=(splits[:, None] < SPLITS) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    total = tl.sum(weight, 0)
-    out = tl.sum(partial * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + token * o_stride_t + head * o_stride_h + offs_d, out.to(out_ptr.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
+    if token < tl.load(cu_seqlens_q_ptr + num_seqs):
+        splits = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        at = (splits * num_tokens + token) * num_heads + head
+        lse = tl.load(lse_ptr + at, mask=splits < SPLITS, other=float("-inf"))
+        seen = lse > float("-inf")  # none for a CUDA graph's padding rows
+        weight = tl.where(seen, tl.exp(lse - tl.max(lse, 0)), 0.0)
+        partial = tl.load(partial_ptr + at[:, None] * HEAD_DIM + offs_d[None, :],
+                          mask=seen[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        total = tl.sum(weight, 0)
+        out = tl.sum(partial * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+        tl.store(out_ptr + token * o_stride_t + head * o_stride_h + offs_d, out.to(out_ptr.dtype.element_ty),
+                 mask=offs_d < HEAD_DIM)
 
 
 MIN_SPLIT_KEYS = 512  # fewer keys per split cost more in programs and partial outputs than they save
@@ -208,12 +211,14 @@ def key_splits(num_tiles: int, num_kv_heads: int, decode: bool, device: torch.de
     return min(16, max(2, splits) if work < 12 * sms else splits)
 
 
-def programs_per_kv_head(num_kv_heads: int, device: torch.device) -> int:
-    """Programs that take turns over a step's tiles: some eight per SM (on CPU, Triton's interpreter, two, so
-    that each takes several turns in the tests)."""
+def programs_per_kv_head(num_kv_heads: int, splits: int, device: torch.device) -> int:
+    """Programs that take turns over a step's (query tile, split) pairs. Some eight per SM, which balance a step of
+    many tiles of unequal cost (prompts alone); two per SM (as many as fit at once) where the keys are split four
+    ways or more, whose pairs cost about the same: on an H100 a 128-token chunk over 7,000 keys ran 1.16x faster
+    (benchmarks/RESULTS.md). On CPU (Triton's interpreter) two, so that each takes several turns in the tests."""
     if device.type != "cuda":
         return 2
-    return max(1, 8 * multiprocessors(device) // num_kv_heads)
+    return max(1, (2 if splits >= 4 else 8) * multiprocessors(device) // num_kv_heads)
 
 
 def tile_config(block_m: int, block_d: int, decode: bool, device: torch.device) -> dict:
@@ -258,7 +263,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
         grid = (num_seqs, num_kv_heads, splits)
     else:  # a sequence's first tile may straddle a multiple of the tile's tokens: one more tile per sequence
         work = (num_tokens // tokens_per_tile + num_seqs) * splits
-        grid = (min(work, programs_per_kv_head(num_kv_heads, q.device)), num_kv_heads, 1)
+        grid = (min(work, programs_per_kv_head(num_kv_heads, splits, q.device)), num_kv_heads, 1)
     _paged_attention_kernel[grid](
         q, kv_cache[0], kv_cache[1], out, partial, lse, cu_seqlens_q, context_lens, block_tables, q.stride(0),
         q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), num_tokens, num_heads, num_seqs, scale,
@@ -266,6 +271,6 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
         SPLITS=splits, MIN_SPLIT_KEYS=MIN_SPLIT_KEYS, DECODE=decode, **tile_config(block_m, block_d, decode, q.device))
     if splits > 1:
         _combine_splits_kernel[(num_tokens, num_heads)](
-            partial, lse, out, num_tokens, num_heads, out.stride(0), out.stride(1), HEAD_DIM=head_dim, BLOCK_D=block_d,
-            SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits))
+            partial, lse, out, cu_seqlens_q, num_seqs, num_tokens, num_heads, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits))
     return out
