@@ -30,7 +30,7 @@ SETTINGS = {"short alone": (dict(enable_chunked_prefill=True, max_num_batched_to
             "chunked prefill on": (dict(enable_chunked_prefill=True, max_num_batched_tokens=2048), True),
             **{f"chunked on, prompts capped at {cap}": (dict(enable_chunked_prefill=True, max_num_batched_tokens=2048,
                                                               long_prefill_token_threshold=cap), True)
-               for cap in (256, 128)},
+               for cap in (256, 128, 64)},
             "chunked prefill off": (dict(enable_chunked_prefill=False, max_num_batched_tokens=8192), True)}
 
 

@@ -72,7 +72,7 @@ def test_paged_attention_compiles_for_turing(head_dim, heads, kv_heads, page, de
                       cu_seqlens_q_ptr=INT32, context_lens_ptr=INT32, block_tables_ptr=INT32,
                       q_stride_t=heads * head_dim, q_stride_h=head_dim, o_stride_t=heads * head_dim,
                       o_stride_h=head_dim, block_table_stride=16, num_tokens=1 if decode else 5, num_heads=heads,
-                      num_seqs=1 if decode else 3, scale=0.1, NUM_KV_HEADS=kv_heads, GROUP=group,
+                      num_seqs=1 if decode else 3, scale_log2=0.1, NUM_KV_HEADS=kv_heads, GROUP=group,
                       HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page, BLOCK_M=block_m, SPLITS=splits,
                       MIN_SPLIT_KEYS=paged_attention.MIN_SPLIT_KEYS, DECODE=decode, BLOCK_N=config["BLOCK_N"])
         fits(compile_for_turing(paged_attention._paged_attention_kernel, values,

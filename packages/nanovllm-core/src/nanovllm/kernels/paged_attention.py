@@ -12,7 +12,7 @@ from nanovllm.kernels import multiprocessors, shared_memory
 
 @triton.jit
 def _attend_key_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, slots, kv_head, offs_d, d_mask, offs_n, hi, q_pos,
-                     scale, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
+                     scale_log2, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr):
     """The tile of keys ``offs_n`` (at cache ``slots``) into the online softmax. MASKED: some rows do not see some
     of these keys (causality, or keys from ``hi`` on); else every row sees every key."""
     kv_offsets = slots[:, None] * (NUM_KV_HEADS * HEAD_DIM) + kv_head * HEAD_DIM + offs_d[None, :]
@@ -23,14 +23,14 @@ def _attend_key_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, slots, kv_head,
         kv_mask = d_mask[None, :]
     k = tl.load(k_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
     v = tl.load(v_cache_ptr + kv_offsets, mask=kv_mask, other=0.0)
-    qk = tl.dot(q, tl.trans(k)) * scale
+    qk = tl.dot(q, tl.trans(k))  # unscaled: the scale goes into exp2's one FMA below, as flash-attention does
     if MASKED:
         qk = tl.where((offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :], qk, float("-inf"))
     # A row sees its split's first key or none of the split (the keys it sees are a prefix): then its maximum
     # is finite after the first tile, or it stays NaN and _attend_tile weighs it as having seen nothing.
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp(m_i - m_new)
-    p = tl.exp(qk - m_new[:, None])
+    alpha = tl.exp2((m_i - m_new) * scale_log2)
+    p = tl.exp2(qk * scale_log2 - (m_new * scale_log2)[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return m_new, l_i, acc
@@ -41,7 +41,7 @@ PAGES_AT_ONCE = tl.constexpr(16)
 
 @triton.jit
 def _attend_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq, block_table_stride, kv_head,
-                 offs_d, d_mask, q_pos, scale, lo, hi, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 offs_d, d_mask, q_pos, scale_log2, lo, hi, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                  PAGE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """Online softmax of the tile's rows over keys lo..hi (lo a multiple of BLOCK_N). MASKED: some rows do not see
     some of these keys (causality, or hi not a multiple of BLOCK_N); else every row sees every key."""
@@ -57,21 +57,21 @@ def _attend_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr, s
                 block_id = tl.sum(tl.where(pages == start // PAGE - first_page, ids, 0))
                 m_i, l_i, acc = _attend_key_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr,
                                                  block_id * PAGE + offs_n % PAGE, kv_head, offs_d, d_mask, offs_n, hi,
-                                                 q_pos, scale, NUM_KV_HEADS, HEAD_DIM, MASKED)
+                                                 q_pos, scale_log2, NUM_KV_HEADS, HEAD_DIM, MASKED)
     else:
         for start in range(lo, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             block_ids = tl.load(table + offs_n // PAGE, mask=offs_n < hi, other=0)
             m_i, l_i, acc = _attend_key_tile(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr,
                                              block_ids.to(tl.int64) * PAGE + offs_n % PAGE, kv_head, offs_d, d_mask,
-                                             offs_n, hi, q_pos, scale, NUM_KV_HEADS, HEAD_DIM, MASKED)
+                                             offs_n, hi, q_pos, scale_log2, NUM_KV_HEADS, HEAD_DIM, MASKED)
     return m_i, l_i, acc
 
 
 @triton.jit
 def _attend_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, cu_seqlens_q_ptr, context_lens_ptr,
                  block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h, block_table_stride, num_tokens,
-                 num_heads, scale, seq, first, kv_head, split, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                 num_heads, scale_log2, seq, first, kv_head, split, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, MIN_SPLIT_KEYS: tl.constexpr):
     """Sequence ``seq``'s query tokens from ``first`` (a tile of them) for one KV head over one split of the keys.
@@ -103,10 +103,10 @@ def _attend_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr,
         # key tiles up to the tile's first query's position are seen by every row: no mask there
         seen_by_all = tl.minimum(hi, tl.maximum(lo, (k_len - q_len + first + 1) // BLOCK_N * BLOCK_N))
         m_i, l_i, acc = _attend_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq,
-                                     block_table_stride, kv_head, offs_d, d_mask, q_pos, scale, lo, seen_by_all,
+                                     block_table_stride, kv_head, offs_d, d_mask, q_pos, scale_log2, lo, seen_by_all,
                                      NUM_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, False)
         m_i, l_i, acc = _attend_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq,
-                                     block_table_stride, kv_head, offs_d, d_mask, q_pos, scale, seen_by_all, hi,
+                                     block_table_stride, kv_head, offs_d, d_mask, q_pos, scale_log2, seen_by_all, hi,
                                      NUM_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, True)
         mask = m_mask[:, None] & d_mask[None, :]
         # A row that saw no key (a CUDA graph's padding has context length 0) gets zeros, not 0 / 0 or NaN
@@ -117,13 +117,14 @@ def _attend_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr,
         else:  # and a split that saw no key weighs nothing in the combination
             at = (split * num_tokens + q_start + token) * num_heads + head
             tl.store(partial_ptr + at[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask)
-            tl.store(lse_ptr + at, tl.where(l_i > 0, m_i + tl.log(l_i), float("-inf")), mask=m_mask)
+            lse = m_i * scale_log2 * 0.6931471805599453 + tl.log(l_i)  # natural log; m_i is of unscaled Q K^T
+            tl.store(lse_ptr + at, tl.where(l_i > 0, lse, float("-inf")), mask=m_mask)
 
 
 @triton.jit
 def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, cu_seqlens_q_ptr,
                             context_lens_ptr, block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h,
-                            block_table_stride, num_tokens, num_heads, num_seqs, scale, NUM_KV_HEADS: tl.constexpr,
+                            block_table_stride, num_tokens, num_heads, num_seqs, scale_log2, NUM_KV_HEADS: tl.constexpr,
                             GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
                             MIN_SPLIT_KEYS: tl.constexpr, DECODE: tl.constexpr):
@@ -135,7 +136,7 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_pt
     if DECODE:
         _attend_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, cu_seqlens_q_ptr,
                      context_lens_ptr, block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h,
-                     block_table_stride, num_tokens, num_heads, scale, tl.program_id(0), 0, kv_head,
+                     block_table_stride, num_tokens, num_heads, scale_log2, tl.program_id(0), 0, kv_head,
                      tl.program_id(2), NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N, SPLITS,
                      MIN_SPLIT_KEYS)
     else:
@@ -163,7 +164,7 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_pt
             first = (tile - tl.load(cu_seqlens_q_ptr + seq) // TOKENS - seq) * TOKENS
             _attend_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, cu_seqlens_q_ptr,
                          context_lens_ptr, block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h,
-                         block_table_stride, num_tokens, num_heads, scale, seq, first, kv_head, work % SPLITS,
+                         block_table_stride, num_tokens, num_heads, scale_log2, seq, first, kv_head, work % SPLITS,
                          NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N, SPLITS, MIN_SPLIT_KEYS)
 
 
@@ -214,7 +215,7 @@ def key_splits(num_tiles: int, num_kv_heads: int, decode: bool, device: torch.de
 def programs_per_kv_head(num_kv_heads: int, splits: int, device: torch.device) -> int:
     """Programs that take turns over a step's (query tile, split) pairs. Some eight per SM, which balance a step of
     many tiles of unequal cost (prompts alone); two per SM (as many as fit at once) where the keys are split four
-    ways or more, whose pairs cost about the same: on an H100 a 128-token chunk over 7,000 keys ran 1.16x faster
+    ways or more, whose pairs cost about the same: on an H100 a 128-token chunk over 7,000 keys ran 1.18x faster
     (benchmarks/RESULTS.md). On CPU (Triton's interpreter) two, so that each takes several turns in the tests."""
     if device.type != "cuda":
         return 2
@@ -266,7 +267,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
         grid = (min(work, programs_per_kv_head(num_kv_heads, splits, q.device)), num_kv_heads, 1)
     _paged_attention_kernel[grid](
         q, kv_cache[0], kv_cache[1], out, partial, lse, cu_seqlens_q, context_lens, block_tables, q.stride(0),
-        q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), num_tokens, num_heads, num_seqs, scale,
+        q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), num_tokens, num_heads, num_seqs,
+        scale * 1.4426950408889634,  # times log2(e): the kernel's softmax is exp2
         NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page, BLOCK_M=block_m,
         SPLITS=splits, MIN_SPLIT_KEYS=MIN_SPLIT_KEYS, DECODE=decode, **tile_config(block_m, block_d, decode, q.device))
     if splits > 1:
