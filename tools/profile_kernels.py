@@ -16,6 +16,24 @@ import torch
 from profile_steps import time_model_calls
 
 
+def profiled_steps(llm, steps: int) -> tuple[list, float]:
+    """Run ``steps`` engine steps under torch.profiler (CUDA activity: kernels replayed from CUDA graphs are listed
+    one by one); their kernels, costliest first, and the kernels' own GPU milliseconds per step."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        for _ in range(steps):
+            llm.step()
+        torch.cuda.synchronize()
+    kernels = sorted(profiler.key_averages(), key=lambda e: -e.self_device_time_total)
+    return kernels, sum(e.self_device_time_total for e in kernels) / steps / 1000
+
+
+def print_kernels(kernels: list, steps: int, top: int):
+    """The ``top`` costliest kernels with their GPU time and launches per step."""
+    for e in kernels[:top]:
+        print(f"{e.self_device_time_total / steps:9.1f} us/step {e.count / steps:6.1f}/step  {e.key[:100]}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model")
@@ -47,17 +65,11 @@ def main():
             running = llm.scheduler.running
             batch, mean_len = len(running), sum(len(seq) for seq in running) / max(len(running), 1)
             events.clear()
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
-                for _ in range(steps):
-                    llm.step()
-                torch.cuda.synchronize()
-            kernels = sorted(profiler.key_averages(), key=lambda e: -e.self_device_time_total)
-            total = sum(e.self_device_time_total for e in kernels) / steps / 1000
+            kernels, total = profiled_steps(llm, steps)
             between = sum(begin.elapsed_time(end) for _, begin, end in events) / steps
             print(f"\nsteps {step}-{step + steps - 1}: batch {batch}, mean length {mean_len:.0f}; kernels {total:.3f} "
                   f"ms/step, between events around the model {between:.3f} ms/step")
-            for e in kernels[:args.top]:
-                print(f"{e.self_device_time_total / steps:9.1f} us/step {e.count / steps:6.1f}/step  {e.key[:100]}")
+            print_kernels(kernels, steps, args.top)
             step += steps
         llm.exit()
 

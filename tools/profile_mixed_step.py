@@ -13,18 +13,13 @@ import random
 import tempfile
 
 import torch
+from profile_kernels import print_kernels, profiled_steps
 
 
 def profile(llm, steps: int, label: str, top: int):
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
-        for _ in range(steps):
-            llm.step()
-        torch.cuda.synchronize()
-    kernels = sorted(profiler.key_averages(), key=lambda e: -e.self_device_time_total)
-    print(f"\n{label}: kernels {sum(e.self_device_time_total for e in kernels) / steps / 1000:.3f} ms/step")
-    for e in kernels[:top]:
-        print(f"{e.self_device_time_total / steps:9.1f} us/step {e.count / steps:6.1f}/step  {e.key[:100]}")
+    kernels, total = profiled_steps(llm, steps)
+    print(f"\n{label}: kernels {total:.3f} ms/step")
+    print_kernels(kernels, steps, top)
 
 
 def main():

@@ -79,8 +79,8 @@ def test_paged_attention_compiles_for_turing(head_dim, heads, kv_heads, page, de
                                 num_stages=config.get("num_stages", 2)))
     fits(compile_for_turing(paged_attention._combine_splits_kernel, dict(
         partial_ptr=FP32, lse_ptr=FP32, out_ptr=FP16, cu_seqlens_q_ptr=INT32, num_seqs=3, num_tokens=5,
-        num_heads=heads, o_stride_t=heads * head_dim,
-        o_stride_h=head_dim, HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS=4, BLOCK_S=4)))
+        num_heads=heads, o_stride_t=heads * head_dim, o_stride_h=head_dim, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        SPLITS=4, BLOCK_S=4)))
 
 
 @pytest.mark.parametrize("norm", [True, False], ids=["qk-norms", "rotary-only"])
