@@ -253,6 +253,36 @@ def test_long_prefill_token_threshold_caps_each_prompt_so_a_new_short_one_starts
     assert_all_blocks_free(sched)
 
 
+def test_a_long_prompt_leaves_room_in_the_step_for_a_waiting_short_one():
+    sched = make_scheduler(max_num_batched_tokens=12, long_prefill_token_threshold=8)
+    dec = make_seq(sched, 2, start=100, max_tokens=8)
+    step(sched)
+    long = make_seq(sched, 40, start=200, max_tokens=4)
+    batch, _ = step(sched)
+    assert pairs(batch) == [(dec, 1), (long, 8)]
+    short = make_seq(sched, 6, start=300, max_tokens=4)
+    batch, _ = step(sched)
+    assert pairs(batch) == [(dec, 1), (long, 5), (short, 6)]  # not (long, 8), (short, 3): whole, in one step
+    batch, _ = step(sched)
+    assert pairs(batch) == [(dec, 1), (short, 1), (long, 8)]
+    drive(sched)
+    assert [s.num_completion_tokens for s in (dec, long, short)] == [8, 4, 4]
+    assert_all_blocks_free(sched)
+
+
+def test_no_room_is_left_for_a_short_prompt_that_cannot_start():
+    sched = make_scheduler(max_num_batched_tokens=12, long_prefill_token_threshold=8, max_num_seqs=2)
+    dec = make_seq(sched, 2, start=100, max_tokens=3)
+    long = make_seq(sched, 40, start=200, max_tokens=4)
+    step(sched)
+    short = make_seq(sched, 6, start=300, max_tokens=4)  # no sequence slot until dec finishes
+    batch, _ = step(sched)
+    assert pairs(batch) == [(dec, 1), (long, 8)]
+    drive(sched)
+    assert [s.num_completion_tokens for s in (dec, long, short)] == [3, 4, 4]
+    assert_all_blocks_free(sched)
+
+
 def test_without_chunked_prefill_a_prompt_is_scheduled_whole_or_not_at_all():
     sched = make_scheduler(max_num_batched_tokens=10, chunked=False)
     a = make_seq(sched, 6, start=100)

@@ -90,8 +90,9 @@ class Config:
     enforce_eager: bool = option(False, "no CUDA graphs")
     enable_prefix_caching: bool = option(True, "reuse KV blocks of shared prompt prefixes")
     enable_chunked_prefill: bool = option(True, "split long prompts over steps, mixed with decodes")
-    long_prefill_token_threshold: int = option(0, "chunked prefill: most tokens one prompt computes per step, so "
-                                                  "that decodes and short prompts are not held up (0: no cap)")
+    long_prefill_token_threshold: int = option(0, "chunked prefill: most tokens one prompt computes per step, and a "
+                                                  "longer prompt leaves room in the step for waiting ones that are not, "
+                                                  "so that decodes and short prompts are not held up (0: no cap)")
     async_scheduling: bool = option(True, "prepare step N+1 while step N runs")
     dtype: str = option("auto", "auto (the checkpoint's), float16, bfloat16 or float32")
     attention_backend: str | None = option(None, "an attention backend by name (default: the best installed)")

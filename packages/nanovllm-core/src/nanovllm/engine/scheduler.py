@@ -1,4 +1,5 @@
 """Continuous batching under a token budget, with chunked prefill, preemption by recompute and KV retention."""
+import itertools
 import logging
 from collections import deque
 from collections.abc import Callable
@@ -73,6 +74,7 @@ class Scheduler:
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = config.max_model_len
         self.enable_chunked_prefill = config.enable_chunked_prefill
+        self.long_prefill_token_threshold = config.long_prefill_token_threshold
         self.max_prompt_chunk = config.long_prefill_token_threshold or config.max_num_batched_tokens
         self.eos_token_ids = config.eos_token_ids
         self.block_manager = BlockManager(num_kvcache_blocks, config.kvcache_block_size, config.enable_prefix_caching)
@@ -110,12 +112,14 @@ class Scheduler:
         scheduled: set[int] = set()
         decodes = [seq for seq in self.running if seq.num_uncomputed_tokens == 1]
         prefills = [seq for seq in self.running if seq.num_uncomputed_tokens > 1]
+        room = self._room_for_short_prompts(budget - len(decodes))
         for seq in decodes + prefills:
             if budget == 0:
                 break
             if seq.status != SequenceStatus.RUNNING or seq.finish_reason:
                 continue  # preempted earlier in this loop, or its last token is in flight
-            num_tokens, num_kept = self._chunk(seq, seq.num_computed_tokens, budget)
+            long = room and seq.num_uncomputed_tokens > 1 and seq.num_prompt_tokens > self.long_prefill_token_threshold
+            num_tokens, num_kept = self._chunk(seq, seq.num_computed_tokens, max(0, budget - room) if long else budget)
             if num_tokens == 0:
                 continue
             fresh = self._blocks_for(num_kept)
@@ -152,6 +156,23 @@ class Scheduler:
             budget -= num_tokens
         self._advance(batch)
         return batch
+
+    def _room_for_short_prompts(self, budget: int) -> int:
+        """Tokens that prompts longer than long_prefill_token_threshold leave in the step for the waiting prompts at
+        the queue's head that are not, and that have a sequence slot and free blocks: those start at once, whole,
+        instead of after a long prompt's chunk or split by it (as vLLM's partial-prefill limits let them)."""
+        if not self.long_prefill_token_threshold:
+            return 0
+        room, blocks = 0, 0
+        for seq in itertools.islice(self.waiting, max(0, self.max_num_seqs - len(self.running))):
+            if (len(seq) > self.long_prefill_token_threshold or room + len(seq) > budget or seq.token_ids[-1] < 0
+                    or self._waits_for_first_sample(seq)):
+                break
+            blocks += self.block_manager.num_blocks_needed(seq, len(seq))
+            if blocks > self.block_manager.num_free_blocks:
+                break
+            room += len(seq)
+        return room
 
     def _waits_for_first_sample(self, seq: Sequence) -> bool:
         """A prompt's later sample, never run, waits while its first sample runs and has not yet cached the
