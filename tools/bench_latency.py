@@ -34,7 +34,8 @@ SETTINGS = {"short alone": (dict(enable_chunked_prefill=True, max_num_batched_to
                                                               long_prefill_token_threshold=cap), True)
                for cap in (256, 128, 64)},
             "chunked on, 256 tokens/step, prompts capped at 128": (
-                dict(enable_chunked_prefill=True, max_num_batched_tokens=256, long_prefill_token_threshold=128), True),
+                dict(enable_chunked_prefill=True, max_num_batched_tokens=256, max_num_seqs=256,
+                 long_prefill_token_threshold=128), True),
             "chunked prefill off": (dict(enable_chunked_prefill=False, max_num_batched_tokens=8192), True)}
 
 
@@ -165,6 +166,20 @@ def step_profile(steps: list[tuple], gpu_ms: list[float]) -> dict:
     return profile
 
 
+def print_result(name: str, r: dict):
+    print(f"{name:>33} ({SETTINGS[name][0]['max_num_batched_tokens']} tokens/step): TTFT p50 "
+          f"{r['ttft_p50_ms']:.1f} ms, p99 {r['ttft_p99_ms']:.1f} ms; ITL p50 {r['itl_p50_ms']:.1f} ms, "
+          f"p99 {r['itl_p99_ms']:.1f} ms; graphs compiled in timed runs: {r['new_compiled_graphs']}")
+    print(f"{'':>33}ITLs at or above p99, by engine steps spanned: {r['slow_itl_steps']}; GC pauses: "
+          f"{r['gc_pauses']}")
+    for kind, p in r["steps"].items():
+        if kind != "slowest":
+            print(f"{'':>33}{kind}: {p['steps']} steps, wall p50 {p['wall_p50_ms']:.1f} p99 "
+                  f"{p['wall_p99_ms']:.1f} max {p['wall_max_ms']:.1f} ms; model on GPU p50 {p['gpu_p50_ms']:.1f} "
+                  f"p99 {p['gpu_p99_ms']:.1f} ms")
+    print(f"{'':>33}slowest: {r['steps']['slowest']}", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="checkpoint folder (default: Qwen3-0.6B shape, random weights)")
@@ -173,24 +188,18 @@ def main():
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS), metavar="NAME",
                         help=f"run only these settings (default: all of {', '.join(map(repr, SETTINGS))})")
     args = parser.parse_args()
+    from nanovllm.config import Config
     from nanovllm.testing import QWEN3_0_6B, make_random_checkpoint
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    chosen = {name: setting for name, setting in SETTINGS.items() if name in args.settings}
+    results = {}
     with tempfile.TemporaryDirectory() as folder:
         model = args.model or make_random_checkpoint(os.path.join(folder, "m"), dtype=torch.bfloat16, **QWEN3_0_6B)
-        results = {name: measure(model, options, with_long, args.repeats)
-                   for name, (options, with_long) in SETTINGS.items() if name in args.settings}
-    for name, r in results.items():
-        print(f"{name:>33} ({SETTINGS[name][0]['max_num_batched_tokens']} tokens/step): TTFT p50 "
-              f"{r['ttft_p50_ms']:.1f} ms, p99 {r['ttft_p99_ms']:.1f} ms; ITL p50 {r['itl_p50_ms']:.1f} ms, "
-              f"p99 {r['itl_p99_ms']:.1f} ms; graphs compiled in timed runs: {r['new_compiled_graphs']}")
-        print(f"{'':>33}ITLs at or above p99, by engine steps spanned: {r['slow_itl_steps']}; GC pauses: "
-              f"{r['gc_pauses']}")
-        for kind, p in r["steps"].items():
-            if kind != "slowest":
-                print(f"{'':>33}{kind}: {p['steps']} steps, wall p50 {p['wall_p50_ms']:.1f} p99 "
-                      f"{p['wall_p99_ms']:.1f} max {p['wall_max_ms']:.1f} ms; model on GPU p50 {p['gpu_p50_ms']:.1f} "
-                      f"p99 {p['gpu_p99_ms']:.1f} ms")
-        print(f"{'':>33}slowest: {r['steps']['slowest']}")
+        for options, _ in chosen.values():  # a setting the engine refuses fails here, before the others ran
+            Config.from_options(model, max_model_len=8192, **options)
+        for name, (options, with_long) in chosen.items():  # each printed once measured
+            results[name] = measure(model, options, with_long, args.repeats)
+            print_result(name, results[name])
     print(f"SUMMARY {device}: " + json.dumps(results))
     if args.json:
         with open(args.json, "w") as f:
