@@ -16,6 +16,7 @@ import itertools
 import torch
 import triton
 import triton.language as tl
+from bench_paged_attention import in_graph
 from triton.testing import do_bench
 
 
@@ -56,15 +57,6 @@ def layer_shapes(shape: str) -> dict[str, tuple[int, int]]:
     hidden, heads, kv_heads, head_dim = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
     return {"qkv": ((heads + 2 * kv_heads) * head_dim, hidden), "o": (hidden, heads * head_dim),
             "gate_up": (2 * c["intermediate_size"], hidden), "down": (hidden, c["intermediate_size"])}, c
-
-
-def in_graph(run):
-    run()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        run()
-    return graph.replay
 
 
 CONFIGS = [dict(block_n=n, block_k=k, split_k=s, stages=st)
