@@ -50,12 +50,12 @@ def linear(x: torch.Tensor, w: torch.Tensor, block_n: int, block_k: int, split_k
     return out[0] if split_k == 1 else out.sum(0).to(x.dtype)
 
 
-def layer_shapes(shape: str) -> dict[str, tuple[int, int]]:
-    """(output features, input features) of each linear layer of one decoder layer."""
+def layer_shapes(shape: str) -> tuple[dict[str, tuple[int, int]], dict]:
+    """(output features, input features) of each linear layer of one decoder layer, and the model's config."""
     from nanovllm.testing import QWEN3_0_6B, QWEN3_8B
     c = {"qwen3-0.6b": QWEN3_0_6B, "qwen3-8b": QWEN3_8B}[shape]
-    hidden, heads, kv_heads, head_dim = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"]
-    return {"qkv": ((heads + 2 * kv_heads) * head_dim, hidden), "o": (hidden, heads * head_dim),
+    hidden, q_size = c["hidden_size"], c["num_attention_heads"] * c["head_dim"]
+    return {"qkv": (q_size + 2 * c["num_key_value_heads"] * c["head_dim"], hidden), "o": (hidden, q_size),
             "gate_up": (2 * c["intermediate_size"], hidden), "down": (hidden, c["intermediate_size"])}, c
 
 
@@ -96,8 +96,8 @@ def main():
                   f"candidate {best[0]:6.1f} us {gb / best[0] * 1e6:5.0f} GB/s {best[1]} (diff {best[2]:.4f})",
                   flush=True)
     for rows, (cublas, candidate) in totals.items():
-        print(f"{config['num_hidden_layers']} layers, {rows} rows: cuBLAS {cublas:.0f} us, candidate {candidate:.0f} us "
-              f"({cublas / candidate:.2f}x)")
+        print(f"{config['num_hidden_layers']} layers, {rows} rows: cuBLAS {cublas:.0f} us, "
+              f"candidate {candidate:.0f} us ({cublas / candidate:.2f}x)")
 
 
 if __name__ == "__main__":
