@@ -118,8 +118,9 @@ class Scheduler:
                 break
             if seq.status != SequenceStatus.RUNNING or seq.finish_reason:
                 continue  # preempted earlier in this loop, or its last token is in flight
-            long = room and seq.num_uncomputed_tokens > 1 and seq.num_prompt_tokens > self.long_prefill_token_threshold
-            num_tokens, num_kept = self._chunk(seq, seq.num_computed_tokens, max(0, budget - room) if long else budget)
+            long_prefill = seq.num_uncomputed_tokens > 1 and seq.num_prompt_tokens > self.long_prefill_token_threshold
+            num_tokens, num_kept = self._chunk(seq, seq.num_computed_tokens,
+                                               max(0, budget - room) if long_prefill else budget)
             if num_tokens == 0:
                 continue
             fresh = self._blocks_for(num_kept)
