@@ -283,6 +283,54 @@ def test_no_room_is_left_for_a_short_prompt_that_cannot_start():
     assert_all_blocks_free(sched)
 
 
+def test_a_long_prompt_gets_no_tokens_when_a_prefill_before_it_took_the_room():
+    sched = make_scheduler(max_num_batched_tokens=12, long_prefill_token_threshold=8)
+    recomputed = make_seq(sched, 4, start=100, max_tokens=100)
+    for _ in range(17):
+        step(sched)
+    long = make_seq(sched, 40, start=200, max_tokens=4)
+    step(sched)
+    sched._preempt(recomputed)  # White-box: recomputed as a prefill of 22 tokens, ahead of the long prompt
+    batch, _ = step(sched)
+    assert pairs(batch) == [(long, 8), (recomputed, 4)]
+    sched.running.reverse()
+    short = make_seq(sched, 6, start=300, max_tokens=4)
+    batch, _ = step(sched)
+    assert pairs(batch) == [(recomputed, 8), (short, 4)]  # the long prompt's share, 12 - 8 - 6, is none
+    drive(sched)
+    assert [s.num_completion_tokens for s in (recomputed, long, short)] == [100, 4, 4]
+    assert_all_blocks_free(sched)
+
+
+@pytest.mark.parametrize("prefix", [False, True])
+def test_short_and_long_prompts_arriving_mid_run_all_finish_with_room_left_for_the_short(prefix):
+    """Short and long prompts arrive while others run, in a pool small enough to preempt: each finishes with its
+    own tokens and every block comes back, also when long prompts leave room for short ones (which happens)."""
+    rng = random.Random(7 + prefix)
+    sched = make_scheduler(num_blocks=24, block_size=4, max_num_seqs=6, max_num_batched_tokens=16, max_model_len=64,
+                           prefix=prefix, long_prefill_token_threshold=6)
+    rooms = []
+    room_for_short_prompts = sched._room_for_short_prompts
+    sched._room_for_short_prompts = lambda budget: rooms.append(room_for_short_prompts(budget)) or rooms[-1]
+    shared = [rng.randrange(10, 500) for _ in range(8)]
+    seqs = []
+    for _ in range(40):
+        length = rng.randint(1, 6) if rng.random() < 0.6 else rng.randint(12, 40)
+        prompt = shared[:rng.randint(0, min(8, length))]
+        seqs.append(make_seq(sched, prompt + [rng.randrange(10, 500) for _ in range(length - len(prompt))],
+                             max_tokens=rng.randint(1, 12)))
+        for _ in range(rng.randint(0, 3)):
+            if not sched.is_finished():
+                batch = sched.schedule()
+                post(sched, batch, [rng.randrange(10, 500) for _ in range(num_to_sample(batch))])
+    drive(sched, sample=lambda seq: rng.randrange(10, 500))
+    for seq in seqs:
+        assert seq.num_completion_tokens == seq.sampling_params.max_tokens
+    assert sum(room > 0 for room in rooms) > 5, "no long prompt left room: the case was not exercised"
+    assert sched.num_preemptions > 0, "the pool was meant to be too small: preemption was not exercised"
+    assert_all_blocks_free(sched)
+
+
 def test_without_chunked_prefill_a_prompt_is_scheduled_whole_or_not_at_all():
     sched = make_scheduler(max_num_batched_tokens=10, chunked=False)
     a = make_seq(sched, 6, start=100)
@@ -369,16 +417,17 @@ def test_a_sequence_that_cannot_fit_preempts_itself_when_it_is_the_newest():
 
 @pytest.mark.parametrize("retention", [False, True])
 @pytest.mark.parametrize("prefix", [False, True])
-@pytest.mark.parametrize("chunked", [False, True])
-def test_every_request_finishes_under_heavy_preemption(prefix, chunked, retention):
+@pytest.mark.parametrize("chunked, threshold", [(False, 0), (True, 0), (True, 6)])
+def test_every_request_finishes_under_heavy_preemption(prefix, chunked, threshold, retention):
     """Random prompts (many sharing prefixes) in a tiny KV pool: all finish, KV reads stay correct, also when
-    prompts are compacted (and compacted again after preemption)."""
+    prompts are compacted (and compacted again after preemption), and when long prompts leave room for short ones."""
     rng = random.Random(1234 + 2 * prefix + chunked)
     block_size = 4
     max_model_len = 40
     sched = make_scheduler(num_blocks=12, block_size=block_size, max_num_seqs=6,
                            max_num_batched_tokens=max_model_len if not chunked else 16,
-                           max_model_len=max_model_len, chunked=chunked, prefix=prefix)
+                           max_model_len=max_model_len, chunked=chunked, prefix=prefix,
+                           long_prefill_token_threshold=threshold)
     if retention:
         sched.retention = KeepThree(None)
     shared = [rng.randrange(10, 500) for _ in range(12)]
