@@ -5,7 +5,8 @@ prompt chunk.
 
 For a few decode shapes (fp16, head size 128, page 256, blocks shuffled; every sequence at the same length, or
 one long sequence among short ones, as when a long prompt decodes beside chat requests):
-the kernel with its default key splits, the kernel without splits, flash_attn_with_kvcache on the same cache
+the kernel with its default key splits, without splits and with 16 (the most a CUDA graph gives it: does one long
+sequence among short ones want more than the default?), flash_attn_with_kvcache on the same cache
 and, with --baseline, the ``paged_attention`` of other files (e.g. older versions or variants, to compare in one
 run; named by the file's stem).
 Times from triton.testing.do_bench of each call captured in a CUDA graph, as decode steps run it (timed eagerly,
@@ -69,6 +70,7 @@ def main():
         runs = {
             "ours": lambda: paged_attention(q, cache, cu_seqlens_q, lens, tables, 1, scale),
             "ours, no splits": lambda: paged_attention(q, cache, cu_seqlens_q, lens, tables, 1, scale, 1),
+            "ours, 16 splits": lambda: paged_attention(q, cache, cu_seqlens_q, lens, tables, 1, scale, 16),
             "flash-attn 2": lambda: flash_attn_with_kvcache(q.unsqueeze(1), cache[0], cache[1], cache_seqlens=lens,
                                                            block_table=tables, causal=True).squeeze(1)}
         for stem, baseline in baselines.items():
