@@ -5,7 +5,7 @@ prompt chunk.
 
 For a few decode shapes (fp16, head size 128, page 256, blocks shuffled; every sequence at the same length, or
 one long sequence among short ones, as when a long prompt decodes beside chat requests):
-the kernel with its default key splits, without splits and with 16 (the most a CUDA graph gives it: does one long
+the kernel with its default key splits, without splits and with 16 (the most key_splits gives: does one long
 sequence among short ones want more than the default?), flash_attn_with_kvcache on the same cache
 and, with --baseline, the ``paged_attention`` of other files (e.g. older versions or variants, to compare in one
 run; named by the file's stem).
