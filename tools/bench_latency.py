@@ -35,7 +35,7 @@ SETTINGS = {"short alone": (dict(enable_chunked_prefill=True, max_num_batched_to
                for cap in (256, 128, 64)},
             "chunked on, 256 tokens/step, prompts capped at 128": (
                 dict(enable_chunked_prefill=True, max_num_batched_tokens=256, max_num_seqs=256,
-                 long_prefill_token_threshold=128), True),
+                     long_prefill_token_threshold=128), True),
             "chunked prefill off": (dict(enable_chunked_prefill=False, max_num_batched_tokens=8192), True)}
 
 
