@@ -28,6 +28,7 @@ import time
 import numpy as np
 import torch
 
+MAX_MODEL_LEN = 8192  # the long prompts' 7,000 tokens and their outputs
 SETTINGS = {"short alone": (dict(enable_chunked_prefill=True, max_num_batched_tokens=2048), False),
             "chunked prefill on": (dict(enable_chunked_prefill=True, max_num_batched_tokens=2048), True),
             **{f"chunked on, prompts capped at {cap}": (dict(enable_chunked_prefill=True, max_num_batched_tokens=2048,
@@ -108,7 +109,7 @@ def measure(model, options, with_long, repeats):
     """Run the schedule once to warm up, then ``repeats`` times; the median of each run's percentiles."""
     from torch._dynamo.utils import counters
     from nanovllm import LLM
-    llm = LLM(model, max_model_len=8192, **options)
+    llm = LLM(model, max_model_len=MAX_MODEL_LEN, **options)
     run_schedule(llm, with_long)
     graphs_before = counters["stats"]["unique_graphs"]
     runs, log, slow_gaps, pauses = [], StepLog(llm), [], GCPauses()
@@ -196,7 +197,7 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         model = args.model or make_random_checkpoint(os.path.join(folder, "m"), dtype=torch.bfloat16, **QWEN3_0_6B)
         for options, _ in chosen.values():  # a setting the engine refuses fails here, before the others ran
-            Config.from_options(model, max_model_len=8192, **options)
+            Config.from_options(model, max_model_len=MAX_MODEL_LEN, **options)
         for name, (options, with_long) in chosen.items():  # each printed once measured
             results[name] = measure(model, options, with_long, args.repeats)
             print_result(name, results[name])
