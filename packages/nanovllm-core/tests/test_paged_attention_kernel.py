@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nanovllm.kernels import ARRIVAL_COUNTS
+
 CASES = {
     "prefill": [(0, 1), (0, 16), (0, 37)],
     "prefix-cached prefill": [(16, 5), (24, 20), (8, 1)],
@@ -64,6 +66,8 @@ def check(module, seqs, device, dtype, head_dim=16, num_heads=4, num_kv_heads=2,
     out = out[:sum(n for _, n in seqs)]
     error = (out.float() - torch.cat(expected)).abs().max().item()
     assert error < tol, f"max error {error}"
+    counts = ARRIVAL_COUNTS.get(q.device, [])  # the next call counts its splits from zero
+    assert not any(c.any() for c in counts), "counts of finished splits left non-zero"
 
 
 def check_padding_rows(module, device, dtype, splits, head_dim=16, page=8):

@@ -22,3 +22,16 @@ def shared_memory(device: torch.device) -> int:
 
 def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(_index(device)).multi_processor_count
+
+
+ARRIVAL_COUNTS: dict[torch.device, list[torch.Tensor]] = {}
+
+
+def arrival_counts(size: int, device: torch.device) -> torch.Tensor:
+    """Zeroed int32 counts with which the parts of a kernel's split work find the last of them to finish (which
+    combines them). Every kernel on the device shares them: kernels on a stream run one after another, and each
+    leaves its counts at zero. Outgrown ones are kept, for a CUDA graph captured with them."""
+    counts = ARRIVAL_COUNTS.setdefault(device, [])
+    if not counts or counts[-1].numel() < size:
+        counts.append(torch.zeros(max(size, 1 << 14), dtype=torch.int32, device=device))
+    return counts[-1]
