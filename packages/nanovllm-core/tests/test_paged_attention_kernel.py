@@ -79,6 +79,7 @@ def check_padding_rows(module, device, dtype, splits, head_dim=16, page=8):
     tables = torch.tensor([[1, 2], [0, 0], [0, 0]], device=device, dtype=torch.int32)
     out = module.paged_attention(q, kv_cache, cu_q, context_lens, tables, 1, head_dim ** -0.5, splits)
     assert out[0].isfinite().all() and (out[1:] == 0).all(), f"padding rows: {out[1:]}"
+    assert not any(c.any() for c in ARRIVAL_COUNTS.get(q.device, [])), "counts of finished splits left non-zero"
 
 
 def check_interpreted():
@@ -127,10 +128,43 @@ def check_interpreted():
         check(paged_attention, [(200, 5), (100, 20)], "cpu", torch.float32, page=64)
 
 
+def test_split_counts_are_never_first_made_inside_a_cuda_graph_capture(monkeypatch):
+    """Zeros made in a capture are set only when the graph first replays: eager calls before would count garbage."""
+    from nanovllm import kernels
+    monkeypatch.setattr(kernels, "ARRIVAL_COUNTS", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(RuntimeError, match="once outside the capture"):
+        kernels.arrival_counts(10, torch.device("cuda", 0))
+
+
 def test_paged_attention_interpreted_on_cpu():
     """Every case in one interpreter process (each costs a Python start-up with torch)."""
     from nanovllm.testing import run_interpreted
     run_interpreted(__file__, "check_interpreted")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seqs, splits", [([(3000, 1), (40, 1), (900, 1)], 8), ([(2000, 64), (0, 30)], 4)],
+                         ids=["decode", "prompt-chunks"])
+def test_paged_attention_split_combination_is_the_same_every_call(seqs, splits):
+    """The last split to finish combines the others' outputs: were one read before it is stored (a missing fence),
+    some of many calls would differ. The same sums in the same order every time: equal to the bit."""
+    from nanovllm.kernels import paged_attention
+    torch.manual_seed(0)
+    page, num_heads, num_kv_heads, head_dim = 16, 8, 2, 128
+    pages = [-(-(cached + new) // page) for cached, new in seqs]
+    kv_cache = torch.randn(2, sum(pages), page, num_kv_heads, head_dim, device="cuda", dtype=torch.float16)
+    tables = torch.zeros(len(seqs), max(pages), dtype=torch.int32, device="cuda")
+    for i, ids in enumerate(torch.randperm(sum(pages), device="cuda").int().split(pages)):
+        tables[i, :len(ids)] = ids
+    q = torch.randn(sum(new for _, new in seqs), num_heads, head_dim, device="cuda", dtype=torch.float16)
+    cu_q = torch.tensor([0] + [new for _, new in seqs], device="cuda").cumsum(0).int()
+    context_lens = torch.tensor([cached + new for cached, new in seqs], device="cuda", dtype=torch.int32)
+    max_q = max(new for _, new in seqs)
+    first = paged_attention.paged_attention(q, kv_cache, cu_q, context_lens, tables, max_q, head_dim ** -0.5, splits)
+    for _ in range(300):
+        out = paged_attention.paged_attention(q, kv_cache, cu_q, context_lens, tables, max_q, head_dim ** -0.5, splits)
+        assert torch.equal(out, first)
 
 
 @pytest.mark.gpu

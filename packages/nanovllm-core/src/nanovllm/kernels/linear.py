@@ -1,8 +1,8 @@
-"""y = x W^T (+ b) for the few rows of a decode step, in Triton. There the matmul is a read of the weight, and
-cuBLAS's kernels for a handful of rows read a decoder layer's small weights at well under the HBM bandwidth
-(tools/bench_linear.py, benchmarks/RESULTS.md). Each program takes BLOCK_N output features for every row, over one
-of SPLIT_K parts of the inputs; the last part of a BLOCK_N to finish adds the parts' fp32 sums, so a split costs no
-second kernel. Only fp16/bf16 tensor-core dots and fp32 sums: Turing (sm75) runs it too."""
+"""y = x W^T (+ b) for the few rows of a decode step, in Triton. There the matmul is a read of the weight, which
+cuBLAS's kernels did at 1.3 of an H100's 3.35 TB/s in a decode step's profile (benchmarks/RESULTS.md);
+tools/bench_linear.py measures this kernel beside them. Each program takes BLOCK_N output features for every row,
+over one of SPLIT_K parts of the inputs; the last part of a BLOCK_N to finish adds the parts' fp32 sums, so a split
+costs no second kernel. Only fp16/bf16 tensor-core dots and fp32 sums: Turing (sm75) runs it too."""
 import torch
 import triton
 import triton.language as tl
@@ -35,7 +35,7 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, partial_ptr, arrived_ptr, M, N
         tl.store(partial_ptr + split * M * N + tile, acc, mask=mask)
         tl.debug_barrier()  # every thread's sums are stored before the count below releases them
         last = tl.atomic_add(arrived_ptr + pid_n, 1, sem="acq_rel") == SPLIT_K - 1
-        if last:  # loads bypass L1, which may hold no line of another program's stores
+        if last:  # L1 is not coherent across SMs: other programs' sums are read from L2
             for other in range(SPLIT_K):
                 if other != split:
                     acc += tl.load(partial_ptr + other * M * N + tile, mask=mask, other=0.0, cache_modifier=".cg")
@@ -46,23 +46,32 @@ def _linear_kernel(x_ptr, w_ptr, bias_ptr, y_ptr, partial_ptr, arrived_ptr, M, N
         tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+MAX_ROWS = 64  # one tile of rows; more rows than a decode step's few make the matmul more than a weight read
+
+
 def tiles(m: int, n: int, k: int, device: torch.device) -> dict:
     """Tiles for an [m, k] x [k, n] matmul: BLOCK_N output features a program, and K split until every SM has a
-    program reading its slice of the weight; pipeline stages as many as fit in shared memory, up to 4."""
+    program reading its slice of the weight; pipeline stages as many as fit in shared memory beside the output tile,
+    up to 4. On CPU (Triton's interpreter) as for 16 SMs, so that the tests see several splits and empty ones."""
     block_m, block_n, block_k = max(16, triton.next_power_of_2(m)), 32, 128
-    sms = multiprocessors(device) if device.type == "cuda" else 4
+    sms = multiprocessors(device) if device.type == "cuda" else 16
     split_k = 1
     while triton.cdiv(n, block_n) * split_k < sms and k // (2 * split_k) >= 256:
         split_k *= 2
     config = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k)
     if device.type == "cuda":  # Triton's CPU interpreter: stages do not apply
-        config["num_stages"] = max(1, min(4, shared_memory(device) // ((block_m + block_n) * block_k * 2)))
+        room = shared_memory(device) - block_m * block_n * 4
+        config["num_stages"] = max(1, min(4, room // ((block_m + block_n) * block_k * 2)))
     return config
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [m, k] (a few rows, each contiguous) times weight [n, k]^T, plus bias [n]."""
+    """x [m, k] (m at most MAX_ROWS) times weight [n, k]^T, plus bias [n]; x's rows and the weight's contiguous."""
     (m, k), n = x.shape, weight.shape[0]
+    if m > MAX_ROWS or x.stride(1) != 1 or weight.stride(1) != 1 or weight.numel() >= 2 ** 31:
+        raise ValueError(f"linear takes at most {MAX_ROWS} rows, each contiguous, and a contiguous weight of under "
+                         f"2^31 elements (its offsets are int32); got x {tuple(x.shape)} with strides {x.stride()} "
+                         f"and weight {tuple(weight.shape)} with strides {weight.stride()}: use F.linear")
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     config = tiles(m, n, k, x.device)
     partial, arrived = y, y

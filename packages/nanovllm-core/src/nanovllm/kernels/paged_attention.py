@@ -73,7 +73,7 @@ def _combine_splits(partial_ptr, lse_ptr, out_ptr, at, out_offsets, mask, m_mask
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, SPLITS: tl.constexpr):
     """out = the splits' outputs weighted by exp(their log-sum-exp), for the rows at ``at`` of split 0. The partial
     outputs of splits that saw no key (a short sequence's, or a decode's in a step with a long prompt chunk) are not
-    read. Loads bypass L1, which may hold no line of another program's stores."""
+    read. L1 is not coherent across SMs: other programs' outputs are read from L2."""
     lse_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for split in range(SPLITS):
         lse = tl.load(lse_ptr + split * split_stride + at, mask=m_mask, other=float("-inf"), cache_modifier=".cg")
@@ -263,18 +263,18 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
         num_tiles = num_seqs if decode else max(1, num_tokens // tokens_per_tile)
         splits = key_splits(num_tiles, num_kv_heads, decode, q.device)
     out = torch.empty_like(q)
-    partial, lse, arrived = out, out, out  # each split's output and log-sum-exp, when there are splits
+    partial, lse, arrived = out, out, out  # each split's output and log-sum-exp, and the splits' counts, if split
     block_d = max(16, triton.next_power_of_2(head_dim))
     if decode:
         grid = (num_seqs, num_kv_heads, splits)
-        num_tiles = num_seqs
+        tiles_counted = num_seqs
     else:  # a sequence's first tile may straddle a multiple of the tile's tokens: one more tile per sequence
-        num_tiles = num_tokens // tokens_per_tile + num_seqs
-        grid = (min(num_tiles * splits, programs_per_kv_head(num_kv_heads, splits, q.device)), num_kv_heads, 1)
+        tiles_counted = num_tokens // tokens_per_tile + num_seqs
+        grid = (min(tiles_counted * splits, programs_per_kv_head(num_kv_heads, splits, q.device)), num_kv_heads, 1)
     if splits > 1:
         partial = torch.empty(splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
-        arrived = arrival_counts(num_tiles * num_kv_heads, q.device)
+        arrived = arrival_counts(tiles_counted * num_kv_heads, q.device)
     _paged_attention_kernel[grid](
         q, kv_cache[0], kv_cache[1], out, partial, lse, arrived, cu_seqlens_q, context_lens, block_tables,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), num_tokens, num_heads, num_seqs,
