@@ -29,9 +29,9 @@ def reference(q, k, v, scale):
     return out.transpose(0, 1)
 
 
-def check(module, seqs, device, dtype, head_dim=16, num_heads=4, num_kv_heads=2, page=8, tol=2e-3, splits=None,
-          padding=None):
-    """seqs: (cached tokens, new tokens) per sequence; K/V of all tokens already in a shuffled paged cache.
+def paged_step(seqs, device, dtype, head_dim, num_heads, num_kv_heads, page, padding=None):
+    """The arguments of paged_attention for a step, and SDPA's output for its real tokens.
+    seqs: (cached tokens, new tokens) per sequence; K/V of all tokens already in a shuffled paged cache.
     ``padding`` (tokens, sequences, max_seqlen_q): laid out as a CUDA graph of a larger step replays it, with
     padding tokens after the real ones, empty sequences after the real ones and an upper bound for max_seqlen_q."""
     torch.manual_seed(0)
@@ -62,11 +62,17 @@ def check(module, seqs, device, dtype, head_dim=16, num_heads=4, num_kv_heads=2,
         cu_q = torch.cat([cu_q, cu_q[-1:].repeat(extra_seqs)])
         context_lens = torch.cat([context_lens, context_lens.new_zeros(extra_seqs)])
         tables = torch.cat([tables, tables.new_zeros(extra_seqs, tables.size(1))])
-    out = module.paged_attention(q, kv_cache, cu_q, context_lens, tables, max_q, scale, splits)
-    out = out[:sum(n for _, n in seqs)]
-    error = (out.float() - torch.cat(expected)).abs().max().item()
+    return (q, kv_cache, cu_q, context_lens, tables, max_q, scale), torch.cat(expected)
+
+
+def check(module, seqs, device, dtype, head_dim=16, num_heads=4, num_kv_heads=2, page=8, tol=2e-3, splits=None,
+          padding=None):
+    """paged_attention against SDPA on ``paged_step(seqs, ...)``."""
+    args, expected = paged_step(seqs, device, dtype, head_dim, num_heads, num_kv_heads, page, padding)
+    out = module.paged_attention(*args, splits)[:expected.size(0)]
+    error = (out.float() - expected).abs().max().item()
     assert error < tol, f"max error {error}"
-    counts = ARRIVAL_COUNTS.get(q.device, [])  # the next call counts its splits from zero
+    counts = ARRIVAL_COUNTS.get(out.device, [])  # the next call counts its splits from zero
     assert not any(c.any() for c in counts), "counts of finished splits left non-zero"
 
 
@@ -150,21 +156,10 @@ def test_paged_attention_split_combination_is_the_same_every_call(seqs, splits):
     """The last split to finish combines the others' outputs: were one read before it is stored (a missing fence),
     some of many calls would differ. The same sums in the same order every time: equal to the bit."""
     from nanovllm.kernels import paged_attention
-    torch.manual_seed(0)
-    page, num_heads, num_kv_heads, head_dim = 16, 8, 2, 128
-    pages = [-(-(cached + new) // page) for cached, new in seqs]
-    kv_cache = torch.randn(2, sum(pages), page, num_kv_heads, head_dim, device="cuda", dtype=torch.float16)
-    tables = torch.zeros(len(seqs), max(pages), dtype=torch.int32, device="cuda")
-    for i, ids in enumerate(torch.randperm(sum(pages), device="cuda").int().split(pages)):
-        tables[i, :len(ids)] = ids
-    q = torch.randn(sum(new for _, new in seqs), num_heads, head_dim, device="cuda", dtype=torch.float16)
-    cu_q = torch.tensor([0] + [new for _, new in seqs], device="cuda").cumsum(0).int()
-    context_lens = torch.tensor([cached + new for cached, new in seqs], device="cuda", dtype=torch.int32)
-    max_q = max(new for _, new in seqs)
-    first = paged_attention.paged_attention(q, kv_cache, cu_q, context_lens, tables, max_q, head_dim ** -0.5, splits)
+    args, _ = paged_step(seqs, "cuda", torch.float16, head_dim=128, num_heads=8, num_kv_heads=2, page=16)
+    first = paged_attention.paged_attention(*args, splits)
     for _ in range(300):
-        out = paged_attention.paged_attention(q, kv_cache, cu_q, context_lens, tables, max_q, head_dim ** -0.5, splits)
-        assert torch.equal(out, first)
+        assert torch.equal(paged_attention.paged_attention(*args, splits), first)
 
 
 @pytest.mark.gpu
