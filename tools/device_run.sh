@@ -29,7 +29,6 @@ for step in "${@:-all}"; do
         python3 tools/bench_throughput.py "${upstream[@]}" --json "$OUT/summary.json" 2>&1 | tee "$OUT/bench.log" || status=1
         python3 tools/bench_sampler.py 2>&1 | tee "$OUT/sampler.log" || status=1
         python3 tools/bench_paged_attention.py 2>&1 | tee "$OUT/paged_attention.log" || status=1
-        python3 tools/bench_linear.py --json "$OUT/linear.json" 2>&1 | tee "$OUT/linear.log" || status=1
     fi
     if [[ $step == latency || $step == all ]]; then
         python3 tools/bench_latency.py --json "$OUT/latency.json" 2>&1 | tee "$OUT/latency.log" || status=1

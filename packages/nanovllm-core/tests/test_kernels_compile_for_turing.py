@@ -1,7 +1,7 @@
-"""Every Triton kernel of the fp16 Turing path (the fa1 backend, the MoE layer, the svd expert manager, the linear
-layers' matmul for few rows) compiled for sm_75 on the CPU machine: ptxas takes the code (nothing sm80+) and each
-program fits the 64 KiB of shared memory an RTX 2080 Ti gives one. Compiling is not running: the kernels' results
-are tested under the interpreter here and on the GPU machine (which has no Turing card)."""
+"""Every Triton kernel of the fp16 Turing path (the fa1 backend, the MoE layer, the svd expert manager) compiled
+for sm_75 on the CPU machine: ptxas takes the code (nothing sm80+) and each program fits the 64 KiB of shared
+memory an RTX 2080 Ti gives one. Compiling is not running: the kernels' results are tested under the
+interpreter here and on the GPU machine (which has no Turing card)."""
 import unittest.mock
 
 import pytest
@@ -10,7 +10,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from nanovllm.kernels import grouped_moe, linear, paged_attention, rotary, routing, sampling, store_kv
+from nanovllm.kernels import grouped_moe, paged_attention, rotary, routing, sampling, store_kv
 
 TURING = GPUTarget("cuda", 75, 32)
 TURING_SHARED_MEMORY = 64 * 1024
@@ -69,7 +69,7 @@ def test_paged_attention_compiles_for_turing(head_dim, heads, kv_heads, page, de
         config = paged_attention.tile_config(block_m, block_d, decode, CUDA)
     for splits in (1, 4):
         values = dict(q_ptr=FP16, k_cache_ptr=FP16, v_cache_ptr=FP16, out_ptr=FP16, partial_ptr=FP32, lse_ptr=FP32,
-                      arrived_ptr=INT32, cu_seqlens_q_ptr=INT32, context_lens_ptr=INT32, block_tables_ptr=INT32,
+                      cu_seqlens_q_ptr=INT32, context_lens_ptr=INT32, block_tables_ptr=INT32,
                       q_stride_t=heads * head_dim, q_stride_h=head_dim, o_stride_t=heads * head_dim,
                       o_stride_h=head_dim, block_table_stride=16, num_tokens=1 if decode else 5, num_heads=heads,
                       num_seqs=1 if decode else 3, scale_log2=0.1, NUM_KV_HEADS=kv_heads, GROUP=group,
@@ -77,6 +77,10 @@ def test_paged_attention_compiles_for_turing(head_dim, heads, kv_heads, page, de
                       MIN_SPLIT_KEYS=paged_attention.MIN_SPLIT_KEYS, DECODE=decode, BLOCK_N=config["BLOCK_N"])
         fits(compile_for_turing(paged_attention._paged_attention_kernel, values,
                                 num_stages=config.get("num_stages", 2)))
+    fits(compile_for_turing(paged_attention._combine_splits_kernel, dict(
+        partial_ptr=FP32, lse_ptr=FP32, out_ptr=FP16, cu_seqlens_q_ptr=INT32, num_seqs=3, num_tokens=5,
+        num_heads=heads, o_stride_t=heads * head_dim, o_stride_h=head_dim, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        SPLITS=4, BLOCK_S=4)))
 
 
 @pytest.mark.parametrize("norm", [True, False], ids=["qk-norms", "rotary-only"])
@@ -88,17 +92,6 @@ def test_rotary_and_store_kv_compile_for_turing(norm):
     fits(compile_for_turing(store_kv._store_kv_kernel, dict(
         k_ptr=FP16, v_ptr=FP16, k_stride=4096, v_stride=4096, k_cache_ptr=FP16, v_cache_ptr=FP16, slot_ptr=INT64,
         ROW=1024, BLOCK=1024)))
-
-
-@pytest.mark.parametrize("rows, n, k", [(1, 4096, 1024), (64, 1024, 3072), (16, 6144, 4096)])
-def test_linear_compiles_for_turing(rows, n, k):
-    with on_turing(linear), unittest.mock.patch.object(linear, "multiprocessors", lambda device: 68):
-        config = linear.tiles(rows, n, k, CUDA)
-    stages = config.pop("num_stages")
-    for bias in (False, True):
-        fits(compile_for_turing(linear._linear_kernel, dict(
-            x_ptr=FP16, w_ptr=FP16, bias_ptr=FP16, y_ptr=FP16, partial_ptr=FP32, arrived_ptr=INT32, M=rows, N=n, K=k,
-            stride_xm=k, stride_wn=k, stride_ym=n, HAS_BIAS=bias, **config), num_stages=stages))
 
 
 # (N, K) of [E, N, K] weights: Mixtral's gate/up and down; the svd manager's rank-256 factors (V13 [2r, H], V_down)

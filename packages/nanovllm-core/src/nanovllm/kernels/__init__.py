@@ -22,21 +22,3 @@ def shared_memory(device: torch.device) -> int:
 
 def multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(_index(device)).multi_processor_count
-
-
-ARRIVAL_COUNTS: dict[torch.device, list[torch.Tensor]] = {}
-
-
-def arrival_counts(size: int, device: torch.device) -> torch.Tensor:
-    """Zeroed int32 counts with which the parts of a kernel's split work find the last of them to finish (which
-    combines them). Every kernel on the device shares them: kernels on one stream run one after another, and each
-    leaves its counts at zero (no kernel that uses them may run on a second stream). Outgrown ones are kept, for a
-    CUDA graph captured with them."""
-    counts = ARRIVAL_COUNTS.setdefault(device, [])
-    if not counts or counts[-1].numel() < size:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            # zeros made in a capture are only set when the graph first replays: run the step eagerly first
-            raise RuntimeError(f"{size} split counts are needed for the first time inside a CUDA graph capture; "
-                               "run the same step once outside the capture first (as the engine's warm-up does)")
-        counts.append(torch.zeros(max(size, 1 << 14), dtype=torch.int32, device=device))
-    return counts[-1]

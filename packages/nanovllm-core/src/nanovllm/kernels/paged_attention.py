@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels import arrival_counts, multiprocessors, shared_memory
+from nanovllm.kernels import multiprocessors, shared_memory
 
 
 @triton.jit
@@ -69,38 +69,15 @@ def _attend_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr, s
 
 
 @triton.jit
-def _combine_splits(partial_ptr, lse_ptr, out_ptr, at, out_offsets, mask, m_mask, split_stride, offs_d,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, SPLITS: tl.constexpr):
-    """out = the splits' outputs weighted by exp(their log-sum-exp), for the rows at ``at`` of split 0. The partial
-    outputs of splits that saw no key (a short sequence's, or a decode's in a step with a long prompt chunk) are not
-    read. L1 is not coherent across SMs: other programs' outputs are read from L2."""
-    lse_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for split in range(SPLITS):
-        lse = tl.load(lse_ptr + split * split_stride + at, mask=m_mask, other=float("-inf"), cache_modifier=".cg")
-        lse_max = tl.maximum(lse_max, lse)
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for split in range(SPLITS):
-        lse = tl.load(lse_ptr + split * split_stride + at, mask=m_mask, other=float("-inf"), cache_modifier=".cg")
-        weight = tl.where(lse > float("-inf"), tl.exp(lse - lse_max), 0.0)
-        partial = tl.load(partial_ptr + (split * split_stride + at)[:, None] * HEAD_DIM + offs_d[None, :],
-                          mask=mask & (weight > 0)[:, None], other=0.0, cache_modifier=".cg")
-        acc += partial * weight[:, None]
-        total += weight
-    out = acc / tl.where(total > 0, total, 1.0)[:, None]
-    tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _attend_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, arrived_ptr, cu_seqlens_q_ptr,
-                 context_lens_ptr, block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h, block_table_stride,
-                 num_tokens, num_heads, scale_log2, seq, first, kv_head, split, tile, NUM_KV_HEADS: tl.constexpr,
-                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, MIN_SPLIT_KEYS: tl.constexpr):
+def _attend_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, cu_seqlens_q_ptr, context_lens_ptr,
+                 block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h, block_table_stride, num_tokens,
+                 num_heads, scale_log2, seq, first, kv_head, split, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, MIN_SPLIT_KEYS: tl.constexpr):
     """Sequence ``seq``'s query tokens from ``first`` (a tile of them) for one KV head over one split of the keys.
     A tile's rows are its tokens times the GROUP query heads that share the KV head, so each K/V tile is read
-    once for all of them. With SPLITS > 1 it writes the split's output and log-sum-exp, and the last of the tile's
-    splits to finish (``arrived`` counts them per (tile, KV head)) combines them: no second kernel."""
+    once for all of them. With SPLITS > 1 it writes the split's output and log-sum-exp for
+    _combine_splits_kernel."""
     TOKENS: tl.constexpr = BLOCK_M // GROUP
     q_start = tl.load(cu_seqlens_q_ptr + seq)
     q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
@@ -138,38 +115,30 @@ def _attend_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr,
             tl.store(out_ptr + (q_start + token)[:, None] * o_stride_t + head[:, None] * o_stride_h + offs_d[None, :],
                      out.to(out_ptr.dtype.element_ty), mask=mask)
         else:  # and a split that saw no key weighs nothing in the combination
-            at = (q_start + token) * num_heads + head
-            split_at = split * num_tokens * num_heads + at
-            tl.store(partial_ptr + split_at[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask)
+            at = (split * num_tokens + q_start + token) * num_heads + head
+            tl.store(partial_ptr + at[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask)
             lse = m_i * scale_log2 * 0.6931471805599453 + tl.log(l_i)  # natural log; m_i is of unscaled Q K^T
-            tl.store(lse_ptr + split_at, tl.where(l_i > 0, lse, float("-inf")), mask=m_mask)
-            tl.debug_barrier()  # every thread's stores are made before the count below releases them
-            arrival = arrived_ptr + tile * NUM_KV_HEADS + kv_head
-            if tl.atomic_add(arrival, 1, sem="acq_rel") == SPLITS - 1:
-                _combine_splits(partial_ptr, lse_ptr, out_ptr, at, (q_start + token)[:, None] * o_stride_t
-                                + head[:, None] * o_stride_h + offs_d[None, :], mask, m_mask, num_tokens * num_heads,
-                                offs_d, HEAD_DIM, BLOCK_D, BLOCK_M, SPLITS)
-                tl.atomic_xchg(arrival, 0)  # zero again for the next call
+            tl.store(lse_ptr + at, tl.where(l_i > 0, lse, float("-inf")), mask=m_mask)
 
 
 @triton.jit
-def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, arrived_ptr,
-                            cu_seqlens_q_ptr, context_lens_ptr, block_tables_ptr, q_stride_t, q_stride_h, o_stride_t,
-                            o_stride_h, block_table_stride, num_tokens, num_heads, num_seqs, scale_log2,
-                            NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                            BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            SPLITS: tl.constexpr, MIN_SPLIT_KEYS: tl.constexpr, DECODE: tl.constexpr):
+def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, cu_seqlens_q_ptr,
+                            context_lens_ptr, block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h,
+                            block_table_stride, num_tokens, num_heads, num_seqs, scale_log2, NUM_KV_HEADS: tl.constexpr,
+                            GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+                            MIN_SPLIT_KEYS: tl.constexpr, DECODE: tl.constexpr):
     """A decode has one program per (sequence, KV head, split of the keys). Otherwise a fixed number of programs
     per KV head take turns over the (tile of query tokens, split) pairs of the step: the tiles are numbered across
     the batch (sequence i's from cu_seqlens_q[i] // TOKENS + i) and counted over the step's own sequences only, so
     a CUDA graph holds the grid and its padding (empty sequences past the step's) costs no program."""
     kv_head = tl.program_id(1)
     if DECODE:
-        _attend_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, arrived_ptr, cu_seqlens_q_ptr,
+        _attend_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, cu_seqlens_q_ptr,
                      context_lens_ptr, block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h,
                      block_table_stride, num_tokens, num_heads, scale_log2, tl.program_id(0), 0, kv_head,
-                     tl.program_id(2), tl.program_id(0), NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_D, PAGE, BLOCK_M,
-                     BLOCK_N, SPLITS, MIN_SPLIT_KEYS)
+                     tl.program_id(2), NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N, SPLITS,
+                     MIN_SPLIT_KEYS)
     else:
         TOKENS: tl.constexpr = BLOCK_M // GROUP
         total = tl.load(cu_seqlens_q_ptr + num_seqs)
@@ -193,11 +162,34 @@ def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_pt
                 else:
                     hi = mid - 1
             first = (tile - tl.load(cu_seqlens_q_ptr + seq) // TOKENS - seq) * TOKENS
-            _attend_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, arrived_ptr,
-                         cu_seqlens_q_ptr, context_lens_ptr, block_tables_ptr, q_stride_t, q_stride_h, o_stride_t,
-                         o_stride_h, block_table_stride, num_tokens, num_heads, scale_log2, seq, first, kv_head,
-                         work % SPLITS, tile, NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N, SPLITS,
-                         MIN_SPLIT_KEYS)
+            _attend_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, cu_seqlens_q_ptr,
+                         context_lens_ptr, block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h,
+                         block_table_stride, num_tokens, num_heads, scale_log2, seq, first, kv_head, work % SPLITS,
+                         NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N, SPLITS, MIN_SPLIT_KEYS)
+
+
+@triton.jit
+def _combine_splits_kernel(partial_ptr, lse_ptr, out_ptr, cu_seqlens_q_ptr, num_seqs, num_tokens, num_heads,
+                           o_stride_t, o_stride_h, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                           SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
+    """out = the splits' outputs weighted by exp(their log-sum-exp), for one (token, head). A CUDA graph's padding
+    tokens (past the step's own) are skipped, and so are the partial outputs of splits that saw no key: a short
+    sequence's, or a decode's in a step with a long prompt chunk."""
+    token = tl.program_id(0)
+    head = tl.program_id(1)
+    if token < tl.load(cu_seqlens_q_ptr + num_seqs):
+        splits = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        at = (splits * num_tokens + token) * num_heads + head
+        lse = tl.load(lse_ptr + at, mask=splits < SPLITS, other=float("-inf"))
+        seen = lse > float("-inf")  # none for a CUDA graph's padding rows
+        weight = tl.where(seen, tl.exp(lse - tl.max(lse, 0)), 0.0)
+        partial = tl.load(partial_ptr + at[:, None] * HEAD_DIM + offs_d[None, :],
+                          mask=seen[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        total = tl.sum(weight, 0)
+        out = tl.sum(partial * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+        tl.store(out_ptr + token * o_stride_t + head * o_stride_h + offs_d, out.to(out_ptr.dtype.element_ty),
+                 mask=offs_d < HEAD_DIM)
 
 
 MIN_SPLIT_KEYS = 512  # fewer keys per split cost more in programs and partial outputs than they save
@@ -263,22 +255,24 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
         num_tiles = num_seqs if decode else max(1, num_tokens // tokens_per_tile)
         splits = key_splits(num_tiles, num_kv_heads, decode, q.device)
     out = torch.empty_like(q)
-    partial, lse, arrived = out, out, out  # each split's output and log-sum-exp, and the splits' counts, if split
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    if decode:
-        grid = (num_seqs, num_kv_heads, splits)
-        tiles_counted = num_seqs
-    else:  # a sequence's first tile may straddle a multiple of the tile's tokens: one more tile per sequence
-        tiles_counted = num_tokens // tokens_per_tile + num_seqs
-        grid = (min(tiles_counted * splits, programs_per_kv_head(num_kv_heads, splits, q.device)), num_kv_heads, 1)
+    partial, lse = out, out  # each split's output and log-sum-exp, when there are splits
     if splits > 1:
         partial = torch.empty(splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
-        arrived = arrival_counts(tiles_counted * num_kv_heads, q.device)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    if decode:
+        grid = (num_seqs, num_kv_heads, splits)
+    else:  # a sequence's first tile may straddle a multiple of the tile's tokens: one more tile per sequence
+        work = (num_tokens // tokens_per_tile + num_seqs) * splits
+        grid = (min(work, programs_per_kv_head(num_kv_heads, splits, q.device)), num_kv_heads, 1)
     _paged_attention_kernel[grid](
-        q, kv_cache[0], kv_cache[1], out, partial, lse, arrived, cu_seqlens_q, context_lens, block_tables,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), num_tokens, num_heads, num_seqs,
+        q, kv_cache[0], kv_cache[1], out, partial, lse, cu_seqlens_q, context_lens, block_tables, q.stride(0),
+        q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), num_tokens, num_heads, num_seqs,
         scale * 1.4426950408889634,  # times log2(e): the kernel's softmax is exp2
         NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page, BLOCK_M=block_m,
         SPLITS=splits, MIN_SPLIT_KEYS=MIN_SPLIT_KEYS, DECODE=decode, **tile_config(block_m, block_d, decode, q.device))
+    if splits > 1:
+        _combine_splits_kernel[(num_tokens, num_heads)](
+            partial, lse, out, cu_seqlens_q, num_seqs, num_tokens, num_heads, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits))
     return out
