@@ -7,12 +7,9 @@ prefix-cache sharing and preemption by recompute.
 import random
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.engine.context import fresh_tail
-from nanovllm.engine.model_runner import prepare_step
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence, SequenceStatus
 from nanovllm.kv_retention import KVRetentionPolicy
@@ -208,26 +205,6 @@ def test_step_order_is_decodes_then_running_prefills_then_waiting():
     new = make_seq(sched, 3, start=300)
     batch, _ = step(sched)
     assert pairs(batch) == [(dec, 1), (pre, 3), (new, 3)]
-
-
-def test_the_prompts_that_start_in_a_step_are_its_fresh_tail():
-    """Waiting prompts go last, so an attention backend can run them over their own keys (Context.fresh_tail)
-    and only the decodes and chunks before them over the paged cache."""
-    sched = make_scheduler(max_num_batched_tokens=10, chunked=True)
-    make_seq(sched, 2, start=100)
-    make_seq(sched, 20, start=200)
-    inputs = prepare_step(step(sched)[0], 4, 0)
-    assert fresh_tail(inputs.cu_seqlens_q, inputs.cu_seqlens_k) == (0, 0)  # a step of new prompts only
-    inputs = prepare_step(step(sched)[0], 4, 0)
-    assert fresh_tail(inputs.cu_seqlens_q, inputs.cu_seqlens_k) is None  # a decode and a chunk
-    make_seq(sched, 2, start=300)
-    make_seq(sched, 1, start=400)
-    batch, _ = step(sched)
-    assert batch.num_tokens == [1, 3, 2, 1]
-    inputs = prepare_step(batch, 4, 0)
-    assert fresh_tail(inputs.cu_seqlens_q, inputs.cu_seqlens_k) == (2, 4)
-    assert fresh_tail(np.array([0, 1, 4, 9]), np.array([0, 9, 12, 30])) is None  # a new prompt before a chunk
-    assert fresh_tail(np.array([0, 1, 4, 9]), np.array([0, 9, 12, 17])) == (1, 1)
 
 
 def test_decodes_go_before_an_older_prefill_in_progress():

@@ -7,11 +7,10 @@ from nanovllm.platform import flash_attn_version
 
 
 class FlashAttention2(nanovllm.AttentionBackend):
-    """Prefill and mixed batches run eagerly with ``flash_attn_varlen_func``: the prompts that end the step and
-    start in it over their own K and V, the other sequences over the paged cache (``block_table``). Decode and
-    steps replayed from CUDA graphs run core's Triton paged-attention kernel (its grid is fixed by the shapes;
-    decode keys split at small batches), with which the throughput benchmark runs faster than with
-    ``flash_attn_with_kvcache`` on an H200. K and V are stored by core's Triton kernel."""
+    """Prefill and mixed batches run eagerly with ``flash_attn_varlen_func`` over the paged cache
+    (``block_table``); decode and steps replayed from CUDA graphs with core's Triton paged-attention kernel (its
+    grid is fixed by the shapes; decode keys split at small batches), with which the throughput benchmark runs
+    faster than with ``flash_attn_with_kvcache`` on an H200; K and V stored by core's Triton kernel."""
 
     name = "fa2"
     priority = 100
@@ -36,25 +35,19 @@ class FlashAttention2(nanovllm.AttentionBackend):
         self._varlen, self._paged, self._store_kv = flash_attn_varlen_func, paged_attention, store_kv
 
     def forward(self, q, k, v, kv_cache, context: Context):
-        if kv_cache.numel():  # empty in the warm-up, whose prompts all start at position 0
+        if kv_cache.numel():  # empty in the warm-up
             self._store_kv(k, v, kv_cache, context.slot_mapping)
-            if (context.is_decode or context.captured) and not context.is_fresh_prefill:
-                return self._paged(q, kv_cache, context.cu_seqlens_q, context.context_lens, context.block_tables,
-                                   context.max_seqlen_q, self.scale)
-        # The prompts that end the step and start in it attend over their own K and V (with a block table flash-attn
-        # runs its split-KV kernel: 461 against 243 us a layer in the throughput benchmark's 16k-token prompt steps,
-        # H100); the sequences before them (decodes, chunks, prefix-cache hits) over the paged cache.
-        seq, row = context.fresh_tail or (len(context.block_tables), len(q))
-        parts = []
-        if seq:
-            parts.append(self._varlen(q[:row], kv_cache[0], kv_cache[1], context.cu_seqlens_q[:seq + 1],
-                                      context.cu_seqlens_k[:seq + 1], context.max_seqlen_q, context.max_seqlen_k,
-                                      softmax_scale=self.scale, causal=True, block_table=context.block_tables[:seq]))
-        if row < len(q):
-            cu_seqlens = context.cu_seqlens_q[seq:] - row if row else context.cu_seqlens_q
-            parts.append(self._varlen(q[row:], k[row:], v[row:], cu_seqlens, cu_seqlens, context.max_seqlen_q,
-                                      context.max_seqlen_q, softmax_scale=self.scale, causal=True))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        if not kv_cache.numel() or context.is_fresh_prefill:
+            # the keys are the step's own tokens: flash-attn's prefill kernel (with a block table it runs its
+            # split-KV one: 12 of 42 ms of GPU in the throughput benchmark's 16k-token prompt steps, H100)
+            return self._varlen(q, k, v, context.cu_seqlens_q, context.cu_seqlens_q, context.max_seqlen_q,
+                                context.max_seqlen_q, softmax_scale=self.scale, causal=True)
+        if context.is_decode or context.captured:
+            return self._paged(q, kv_cache, context.cu_seqlens_q, context.context_lens, context.block_tables,
+                               context.max_seqlen_q, self.scale)
+        return self._varlen(q, kv_cache[0], kv_cache[1], context.cu_seqlens_q, context.cu_seqlens_k,
+                            context.max_seqlen_q, context.max_seqlen_k, softmax_scale=self.scale, causal=True,
+                            block_table=context.block_tables)
 
 
 @nanovllm.hookimpl

@@ -1,7 +1,6 @@
 """The per-step batch layout that attention layers read: one object, set by the model runner."""
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from nanovllm.engine.kv_compaction import KVCompaction
@@ -23,26 +22,12 @@ class Context:
     context_lens: torch.Tensor  # int32 [num_seqs]: KV slots in use after this step
     block_tables: torch.Tensor  # int32 [num_seqs, max_blocks]: cache block ids, padded with 0
     is_decode: bool  # every sequence has exactly one query token
-    # the step's last sequences that start at position 0 (their keys are this step's tokens): the first of them and
-    # its first query row; None when the last sequence does not start there
-    fresh_tail: tuple[int, int] | None = None
+    is_fresh_prefill: bool = False  # every sequence starts at position 0: its keys are this step's tokens
     compaction: KVCompaction | None = None  # prompts completing in this step whose KV a retention policy thins
     # replayed from a CUDA graph: attention must launch a grid fixed by the tensors' shapes (the lengths change
     # between replays). max_seqlen_q and max_seqlen_k are upper bounds, tokens and sequences past the step's are
     # padding (no slot; no keys), cu_seqlens_k is not the keys' offsets (context_lens is)
     captured: bool = False
-
-    @property
-    def is_fresh_prefill(self) -> bool:
-        """Every sequence starts at position 0: its keys are this step's tokens."""
-        return self.fresh_tail is not None and self.fresh_tail[0] == 0
-
-
-def fresh_tail(cu_seqlens_q: np.ndarray, cu_seqlens_k: np.ndarray) -> tuple[int, int] | None:
-    """Context.fresh_tail of a step's host offsets."""
-    fresh = np.diff(cu_seqlens_q) == np.diff(cu_seqlens_k)
-    first = 0 if fresh.all() else len(fresh) - int(np.argmin(fresh[::-1]))
-    return (first, int(cu_seqlens_q[first])) if first < len(fresh) else None
 
 
 _context: Context | None = None

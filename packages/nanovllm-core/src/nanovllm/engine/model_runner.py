@@ -12,7 +12,7 @@ import xxhash
 
 from nanovllm.attention_backend import AttentionBackend
 from nanovllm.config import Config
-from nanovllm.engine.context import Context, fresh_tail, set_context
+from nanovllm.engine.context import Context, set_context
 from nanovllm.engine.cuda_graphs import CudaGraphs
 from nanovllm.engine.kv_compaction import KVCompaction
 from nanovllm.engine.scheduler import ScheduledBatch
@@ -373,7 +373,7 @@ class ModelRunner:
                 max_seqlen_q=int(np.diff(inputs.cu_seqlens_q).max()), max_seqlen_k=int(seqlens_k.max()),
                 slot_mapping=to_device("slot_mapping"), context_lens=cu_seqlens_k.diff(),
                 block_tables=to_device("block_tables"), is_decode=inputs.is_decode,
-                fresh_tail=fresh_tail(inputs.cu_seqlens_q, inputs.cu_seqlens_k),
+                is_fresh_prefill=bool((inputs.cu_seqlens_q == inputs.cu_seqlens_k).all()),
                 compaction=self._compaction(inputs)))
             try:
                 hidden = self.model(input_ids, to_device("positions"))
