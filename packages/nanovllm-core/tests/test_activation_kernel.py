@@ -10,8 +10,8 @@ def reference(x: torch.Tensor) -> torch.Tensor:
 
 
 def inputs(device, dtype):
-    """[rows, 2 * width] with widths below, above and not a multiple of the kernel's 1,024 columns; 3-D; rows that
-    are a slice of wider ones (as the MoE layers pass); no rows."""
+    """[rows, 2 * width] with widths below, above and not a multiple of the kernel's 1,024 columns; 3-D; a view
+    whose rows are a slice of wider ones; no rows."""
     wide = torch.randn(4, 2 * 1500 + 10, device=device).to(dtype)
     return [torch.randn(5, 2 * 48, device=device).to(dtype), torch.randn(3, 2 * 1500, device=device).to(dtype),
             torch.randn(2, 3, 2 * 20, device=device).to(dtype), wide[:, :2 * 1500], wide[:0, :2 * 1500]]
