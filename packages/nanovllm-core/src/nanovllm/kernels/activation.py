@@ -5,6 +5,8 @@ import torch
 import triton
 import triton.language as tl
 
+COLUMNS = 1024  # of the output, per program
+
 
 @triton.jit
 def _silu_and_mul_kernel(x_ptr, out_ptr, x_stride, width, BLOCK: tl.constexpr):
@@ -26,5 +28,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     width = x.shape[-1] // 2
     out = torch.empty(*x.shape[:-1], width, dtype=x.dtype, device=x.device)
     if rows.shape[0]:
-        _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(width, 1024))](rows, out, rows.stride(0), width, BLOCK=1024)
+        _silu_and_mul_kernel[(rows.shape[0], triton.cdiv(width, COLUMNS))](rows, out, rows.stride(0), width,
+                                                                            BLOCK=COLUMNS)
     return out
