@@ -6,7 +6,10 @@ Runs upstream nano-vllm's bench workload twice, with synchronous and with async 
 CUDA events around every model call. For each run and step kind (prefill, decode) it prints the
 steps, the seconds between the events (the GPU busy with the model) and the share of the run's
 wall time they fill; the synchronous run also gives the CPU time per step outside the model
-(scheduling, input preparation, sampling), which async scheduling hides behind the GPU.
+(scheduling, input preparation, sampling), which async scheduling hides behind the GPU. A third, async run under
+torch.profiler (CUDA activity) joins every kernel's interval: the GPU's idle time between its first and last
+kernel, split into gaps over 20 us (the GPU waiting for the CPU) and shorter ones (between two kernels of a CUDA
+graph), with the largest gaps.
 """
 import argparse
 import os
@@ -51,6 +54,31 @@ def profile(model, prompts, params, async_scheduling):
     return wall, stats
 
 
+def idle_gaps(model, prompts, params):
+    """The workload once more under torch.profiler: the GPU's busy time (its kernels' and copies' intervals joined),
+    the time from its first to its last kernel, and the gaps between them, longest first (all in microseconds)."""
+    from nanovllm import LLM, SamplingParams
+    llm = LLM(model, max_model_len=4096)
+    llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
+    for prompt, sp in zip(prompts, params):
+        llm.add_request(prompt, sp)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
+        while not llm.is_finished():
+            llm.step()
+        torch.cuda.synchronize()
+    llm.exit()
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in profiler.events()
+                     if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, gaps, (start, end) = 0.0, [], kernels[0]
+    for first, last in kernels[1:]:
+        if first > end:  # the GPU ran nothing from end to first
+            busy += end - start
+            gaps.append(first - end)
+            start = first
+        end = max(end, last)
+    return busy + end - start, end - kernels[0][0], sorted(gaps, reverse=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model")
@@ -71,6 +99,12 @@ def main():
                   + ("" if async_scheduling else f", CPU outside the model {1000 * (wall - gpu_total) / steps_total:.2f} ms/step"))
             for kind, (steps, gpu) in stats.items():
                 print(f"{kind:>14}: {steps} steps, {gpu:.2f} s between events around the model")
+        busy, span, gaps = idle_gaps(model, prompts, params)
+        long = [gap for gap in gaps if gap > 20]
+        print(f"profiled async run: first to last kernel {span / 1e6:.3f} s, kernels {busy / 1e6:.3f} s, idle "
+              f"{(span - busy) / 1e6:.3f} s: {sum(long) / 1e6:.3f} s in {len(long)} gaps over 20 us (largest, ms: "
+              f"{', '.join(f'{gap / 1e3:.1f}' for gap in long[:10])}), {(sum(gaps) - sum(long)) / 1e6:.3f} s in "
+              f"{len(gaps) - len(long)} shorter ones")
 
 
 if __name__ == "__main__":
