@@ -13,7 +13,7 @@ import os
 import tempfile
 
 import torch
-from profile_steps import time_model_calls
+from profile_steps import engine_with_workload, time_model_calls
 
 
 def profiled_steps(llm, steps: int) -> tuple[list, float]:
@@ -40,7 +40,6 @@ def main():
     parser.add_argument("--windows", nargs="+", default=["0:9", "60:20", "500:20", "950:20"], metavar="START:STEPS")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
-    from nanovllm import LLM, SamplingParams
     from nanovllm.cli.bench import make_workload
     from nanovllm.testing import QWEN3_0_6B, make_random_checkpoint
     windows = dict(tuple(int(v) for v in window.split(":")) for window in args.windows)
@@ -48,12 +47,9 @@ def main():
     print(torch.cuda.get_device_name(0))
     with tempfile.TemporaryDirectory() as folder:
         model = args.model or make_random_checkpoint(os.path.join(folder, "m"), dtype=torch.bfloat16, **QWEN3_0_6B)
-        llm = LLM(model, max_model_len=4096)
-        llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
+        llm = engine_with_workload(model, prompts, params)
         events = []
         time_model_calls(llm.model_runner, events)
-        for prompt, sp in zip(prompts, params):
-            llm.add_request(prompt, sp)
         step = 0
         while not llm.is_finished():
             steps = windows.get(step)

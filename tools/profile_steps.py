@@ -33,18 +33,28 @@ def time_model_calls(runner, events: list):
     runner.run_model = timed_run_model
 
 
-def profile(model, prompts, params, async_scheduling):
+def engine_with_workload(model, prompts, params, async_scheduling=True):
+    """An engine warmed up with one short prompt, with the workload's requests added."""
     from nanovllm import LLM, SamplingParams
     llm = LLM(model, max_model_len=4096, async_scheduling=async_scheduling)
     llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
-    events = []
-    time_model_calls(llm.model_runner, events)
     for prompt, sp in zip(prompts, params):
         llm.add_request(prompt, sp)
-    start = time.perf_counter()
+    return llm
+
+
+def run_to_end(llm):
     while not llm.is_finished():
         llm.step()
     torch.cuda.synchronize()
+
+
+def profile(model, prompts, params, async_scheduling):
+    llm = engine_with_workload(model, prompts, params, async_scheduling)
+    events = []
+    time_model_calls(llm.model_runner, events)
+    start = time.perf_counter()
+    run_to_end(llm)
     wall = time.perf_counter() - start
     llm.exit()
     stats = {}
@@ -57,15 +67,9 @@ def profile(model, prompts, params, async_scheduling):
 def idle_gaps(model, prompts, params):
     """The workload once more under torch.profiler: the GPU's busy time (its kernels' and copies' intervals joined),
     the time from its first to its last kernel, and the gaps between them, longest first (all in microseconds)."""
-    from nanovllm import LLM, SamplingParams
-    llm = LLM(model, max_model_len=4096)
-    llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
-    for prompt, sp in zip(prompts, params):
-        llm.add_request(prompt, sp)
+    llm = engine_with_workload(model, prompts, params)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
-        while not llm.is_finished():
-            llm.step()
-        torch.cuda.synchronize()
+        run_to_end(llm)
     llm.exit()
     kernels = sorted((e.time_range.start, e.time_range.end) for e in profiler.events()
                      if e.device_type == torch.autograd.DeviceType.CUDA)
