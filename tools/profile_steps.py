@@ -9,7 +9,9 @@ wall time they fill; the synchronous run also gives the CPU time per step outsid
 (scheduling, input preparation, sampling), which async scheduling hides behind the GPU. A third, async run under
 torch.profiler (CUDA activity) joins every kernel's interval: the GPU's idle time between its first and last
 kernel, split into gaps over 20 us (the GPU waiting for the CPU) and shorter ones (between two kernels of a CUDA
-graph), with the largest gaps.
+graph), with the largest gaps. Last, the workload twice more in one engine, with CUDA events around each step's
+launches: per run, the GPU's idle time before steps, the steps it waited longest before, and the CUDA memory segments
+allocated during the run, so that what only a first run pays shows beside what every run pays.
 """
 import argparse
 import os
@@ -38,9 +40,13 @@ def engine_with_workload(model, prompts, params, async_scheduling=True):
     from nanovllm import LLM, SamplingParams
     llm = LLM(model, max_model_len=4096, async_scheduling=async_scheduling)
     llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
+    add_workload(llm, prompts, params)
+    return llm
+
+
+def add_workload(llm, prompts, params):
     for prompt, sp in zip(prompts, params):
         llm.add_request(prompt, sp)
-    return llm
 
 
 def run_to_end(llm):
@@ -62,6 +68,42 @@ def profile(model, prompts, params, async_scheduling):
         steps, gpu = stats.get(kind, (0, 0.0))
         stats[kind] = (steps + 1, gpu + begin.elapsed_time(end) / 1000)
     return wall, stats
+
+
+def time_steps(runner, steps: list):
+    """Wrap ``runner.execute`` so that each step appends (step kind, tokens, CUDA event before its launches, CUDA
+    event after them)."""
+    execute = runner.execute
+
+    def timed_execute(inputs):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        sampled = execute(inputs)
+        end.record()
+        steps.append(("decode" if inputs.is_decode else "prefill", len(inputs.positions), begin, end))
+        return sampled
+    runner.execute = timed_execute
+
+
+def waits(model, prompts, params, runs=2):
+    """The workload ``runs`` times in one engine; per run: wall seconds, the GPU's idle milliseconds before each step
+    as (ms, step, kind, tokens), and the CUDA memory segments allocated (cudaMalloc calls) during it."""
+    llm = engine_with_workload(model, prompts, params)
+    steps, results = [], []
+    time_steps(llm.model_runner, steps)
+    for run in range(runs):
+        if run:
+            add_workload(llm, prompts, params)
+        steps.clear()
+        segments = torch.cuda.memory_stats().get("num_device_alloc", 0)
+        start = time.perf_counter()
+        run_to_end(llm)
+        wall = time.perf_counter() - start
+        idle = [(max(0.0, steps[i - 1][3].elapsed_time(begin)), i, kind, tokens)
+                for i, (kind, tokens, begin, _) in enumerate(steps) if i]
+        results.append((wall, idle, torch.cuda.memory_stats().get("num_device_alloc", 0) - segments))
+    llm.exit()
+    return results
 
 
 def idle_gaps(model, prompts, params):
@@ -109,6 +151,13 @@ def main():
               f"{(span - busy) / 1e6:.3f} s: {sum(long) / 1e6:.3f} s in {len(long)} gaps over 20 us (largest, ms: "
               f"{', '.join(f'{gap / 1e3:.1f}' for gap in long[:10])}), {(sum(gaps) - sum(long)) / 1e6:.3f} s in "
               f"{len(gaps) - len(long)} shorter ones")
+        for run, (wall, idle, segments) in enumerate(waits(model, prompts, params), 1):
+            long = sorted((wait for wait in idle if wait[0] > 1), reverse=True)
+            print(f"run {run} of one engine: {wall:.2f} s wall, GPU idle before steps "
+                  f"{sum(wait[0] for wait in idle) / 1e3:.3f} s, {sum(wait[0] for wait in long) / 1e3:.3f} s of it in "
+                  f"{len(long)} waits over 1 ms; {segments} CUDA memory segments allocated; longest waits: "
+                  + ", ".join(f"{ms:.1f} ms before step {step} ({kind}, {tokens} tokens)"
+                              for ms, step, kind, tokens in long[:8]))
 
 
 if __name__ == "__main__":
