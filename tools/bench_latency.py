@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 import torch
+from profile_steps import time_calls
 
 MAX_MODEL_LEN = 8192  # the long prompts' 7,000 tokens and their outputs
 SETTINGS = {"short alone": (dict(enable_chunked_prefill=True, max_num_batched_tokens=2048), False),
@@ -55,16 +56,7 @@ class StepLog:
         self.steps, self.events = [], []  # steps: (wall seconds, prefill tokens, decode tokens, events before it)
         runner = getattr(llm, "model_runner", None)
         if torch.cuda.is_available() and hasattr(runner, "run_model"):  # one rank here: time its model calls on the GPU
-            run_model = runner.run_model
-
-            def timed(inputs):
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                begin.record()
-                out = run_model(inputs)
-                end.record()
-                self.events.append((begin, end))
-                return out
-            runner.run_model = timed
+            time_calls(runner, "run_model", self.events)
 
     def gpu_ms(self) -> list[float]:
         """Per step, the GPU milliseconds of its model calls (nan when they were not timed)."""
@@ -72,7 +64,8 @@ class StepLog:
             return [float("nan")] * len(self.steps)
         torch.cuda.synchronize()
         bounds = [s[3] for s in self.steps] + [len(self.events)]
-        return [sum(b.elapsed_time(e) for b, e in self.events[first:last]) for first, last in zip(bounds, bounds[1:])]
+        return [sum(b.elapsed_time(e) for _, _, b, e in self.events[first:last])
+                for first, last in zip(bounds, bounds[1:])]
 
 
 def run_schedule(llm, with_long: bool, log: StepLog | None = None, seed: int = 0):

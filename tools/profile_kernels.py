@@ -13,7 +13,7 @@ import os
 import tempfile
 
 import torch
-from profile_steps import engine_with_workload, time_model_calls
+from profile_steps import engine_with_workload, time_calls
 
 
 def profiled_steps(llm, steps: int) -> tuple[list, float]:
@@ -49,7 +49,7 @@ def main():
         model = args.model or make_random_checkpoint(os.path.join(folder, "m"), dtype=torch.bfloat16, **QWEN3_0_6B)
         llm = engine_with_workload(model, prompts, params)
         events = []
-        time_model_calls(llm.model_runner, events)
+        time_calls(llm.model_runner, "run_model", events)
         step = 0
         while not llm.is_finished():
             steps = windows.get(step)
@@ -62,7 +62,7 @@ def main():
             batch, mean_len = len(running), sum(len(seq) for seq in running) / max(len(running), 1)
             events.clear()
             kernels, total = profiled_steps(llm, steps)
-            between = sum(begin.elapsed_time(end) for _, begin, end in events) / steps
+            between = sum(begin.elapsed_time(end) for _, _, begin, end in events) / steps
             print(f"\nsteps {step}-{step + steps - 1}: batch {batch}, mean length {mean_len:.0f}; kernels {total:.3f} "
                   f"ms/step, between events around the model {between:.3f} ms/step")
             print_kernels(kernels, steps, args.top)

@@ -21,18 +21,19 @@ import time
 import torch
 
 
-def time_model_calls(runner, events: list):
-    """Wrap ``runner.run_model`` so that each call appends (step kind, CUDA event before, CUDA event after)."""
-    run_model = runner.run_model
+def time_calls(runner, method: str, calls: list):
+    """Wrap ``runner``'s ``method`` (run_model: the model; execute: the step's launches, sampling included) so that
+    each call appends (step kind, tokens, CUDA event before, CUDA event after)."""
+    call = getattr(runner, method)
 
-    def timed_run_model(inputs):
+    def timed(inputs):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
-        logits = run_model(inputs)
+        result = call(inputs)
         end.record()
-        events.append(("decode" if inputs.is_decode else "prefill", begin, end))
-        return logits
-    runner.run_model = timed_run_model
+        calls.append(("decode" if inputs.is_decode else "prefill", len(inputs.positions), begin, end))
+        return result
+    setattr(runner, method, timed)
 
 
 def engine_with_workload(model, prompts, params, async_scheduling=True):
@@ -58,31 +59,16 @@ def run_to_end(llm):
 def profile(model, prompts, params, async_scheduling):
     llm = engine_with_workload(model, prompts, params, async_scheduling)
     events = []
-    time_model_calls(llm.model_runner, events)
+    time_calls(llm.model_runner, "run_model", events)
     start = time.perf_counter()
     run_to_end(llm)
     wall = time.perf_counter() - start
     llm.exit()
     stats = {}
-    for kind, begin, end in events:
+    for kind, _, begin, end in events:
         steps, gpu = stats.get(kind, (0, 0.0))
         stats[kind] = (steps + 1, gpu + begin.elapsed_time(end) / 1000)
     return wall, stats
-
-
-def time_steps(runner, steps: list):
-    """Wrap ``runner.execute`` so that each step appends (step kind, tokens, CUDA event before its launches, CUDA
-    event after them)."""
-    execute = runner.execute
-
-    def timed_execute(inputs):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        sampled = execute(inputs)
-        end.record()
-        steps.append(("decode" if inputs.is_decode else "prefill", len(inputs.positions), begin, end))
-        return sampled
-    runner.execute = timed_execute
 
 
 def waits(model, prompts, params, runs=2):
@@ -90,7 +76,7 @@ def waits(model, prompts, params, runs=2):
     as (ms, step, kind, tokens), and the CUDA memory segments allocated (cudaMalloc calls) during it."""
     llm = engine_with_workload(model, prompts, params)
     steps, results = [], []
-    time_steps(llm.model_runner, steps)
+    time_calls(llm.model_runner, "execute", steps)
     for run in range(runs):
         if run:
             add_workload(llm, prompts, params)
