@@ -6,12 +6,12 @@ Runs upstream nano-vllm's bench workload twice, with synchronous and with async 
 CUDA events around every model call. For each run and step kind (prefill, decode) it prints the
 steps, the seconds between the events (the GPU busy with the model) and the share of the run's
 wall time they fill; the synchronous run also gives the CPU time per step outside the model
-(scheduling, input preparation, sampling), which async scheduling hides behind the GPU. A third, async run under
-torch.profiler (CUDA activity) joins every kernel's interval: the GPU's idle time between its first and last
-kernel, split into gaps over 20 us (the GPU waiting for the CPU) and shorter ones (between two kernels of a CUDA
-graph), with the largest gaps. Last, the workload twice more in one engine, with CUDA events around each step's
-launches: per run, the GPU's idle time before steps, the steps it waited longest before, and the CUDA memory segments
-allocated during the run, so that what only a first run pays shows beside what every run pays.
+(scheduling, input preparation, sampling), which async scheduling hides behind the GPU. Then, in one more engine
+(async), the workload twice with CUDA events around each step's launches: per run, the GPU's idle time before steps,
+the steps it waited longest before, and the CUDA memory segments allocated during the run, so that what only a
+first run pays shows beside what every run pays. A third run in that engine, under torch.profiler (CUDA activity),
+joins every kernel's interval: the GPU's idle time between its first and last kernel, split into gaps over 20 us
+(the GPU waiting for the CPU) and shorter ones (between two kernels of a CUDA graph), with the largest gaps.
 """
 import argparse
 import os
@@ -71,10 +71,10 @@ def profile(model, prompts, params, async_scheduling):
     return wall, stats
 
 
-def waits(model, prompts, params, runs=2):
-    """The workload ``runs`` times in one engine; per run: wall seconds, the GPU's idle milliseconds before each step
-    as (ms, step, kind, tokens), and the CUDA memory segments allocated (cudaMalloc calls) during it."""
-    llm = engine_with_workload(model, prompts, params)
+def waits(llm, prompts, params, runs=2):
+    """The workload ``runs`` times in ``llm`` (its first run already added); per run: wall seconds, the GPU's idle
+    milliseconds before each step as (ms, step, kind, tokens), and the CUDA memory segments allocated (cudaMalloc
+    calls) during it."""
     steps, results = [], []
     time_calls(llm.model_runner, "execute", steps)
     for run in range(runs):
@@ -88,17 +88,15 @@ def waits(model, prompts, params, runs=2):
         idle = [(max(0.0, steps[i - 1][3].elapsed_time(begin)), i, kind, tokens)
                 for i, (kind, tokens, begin, _) in enumerate(steps) if i]
         results.append((wall, idle, torch.cuda.memory_stats().get("num_device_alloc", 0) - segments))
-    llm.exit()
     return results
 
 
-def idle_gaps(model, prompts, params):
-    """The workload once more under torch.profiler: the GPU's busy time (its kernels' and copies' intervals joined),
-    the time from its first to its last kernel, and the gaps between them, longest first (all in microseconds)."""
-    llm = engine_with_workload(model, prompts, params)
+def idle_gaps(llm):
+    """The requests added to ``llm`` run under torch.profiler: the GPU's busy time (its kernels' and copies' intervals
+    joined), the time from its first to its last kernel, and the gaps between them, longest first (all in
+    microseconds)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
         run_to_end(llm)
-    llm.exit()
     kernels = sorted((e.time_range.start, e.time_range.end) for e in profiler.events()
                      if e.device_type == torch.autograd.DeviceType.CUDA)
     busy, gaps, (start, end) = 0.0, [], kernels[0]
@@ -131,19 +129,22 @@ def main():
                   + ("" if async_scheduling else f", CPU outside the model {1000 * (wall - gpu_total) / steps_total:.2f} ms/step"))
             for kind, (steps, gpu) in stats.items():
                 print(f"{kind:>14}: {steps} steps, {gpu:.2f} s between events around the model")
-        busy, span, gaps = idle_gaps(model, prompts, params)
-        long = [gap for gap in gaps if gap > 20]
-        print(f"profiled async run: first to last kernel {span / 1e6:.3f} s, kernels {busy / 1e6:.3f} s, idle "
-              f"{(span - busy) / 1e6:.3f} s: {sum(long) / 1e6:.3f} s in {len(long)} gaps over 20 us (largest, ms: "
-              f"{', '.join(f'{gap / 1e3:.1f}' for gap in long[:10])}), {(sum(gaps) - sum(long)) / 1e6:.3f} s in "
-              f"{len(gaps) - len(long)} shorter ones")
-        for run, (wall, idle, segments) in enumerate(waits(model, prompts, params), 1):
+        llm = engine_with_workload(model, prompts, params)
+        for run, (wall, idle, segments) in enumerate(waits(llm, prompts, params), 1):
             long = sorted((wait for wait in idle if wait[0] > 1), reverse=True)
             print(f"run {run} of one engine: {wall:.2f} s wall, GPU idle before steps "
                   f"{sum(wait[0] for wait in idle) / 1e3:.3f} s, {sum(wait[0] for wait in long) / 1e3:.3f} s of it in "
                   f"{len(long)} waits over 1 ms; {segments} CUDA memory segments allocated; longest waits: "
                   + ", ".join(f"{ms:.1f} ms before step {step} ({kind}, {tokens} tokens)"
                               for ms, step, kind, tokens in long[:8]))
+        add_workload(llm, prompts, params)
+        busy, span, gaps = idle_gaps(llm)
+        llm.exit()
+        long = [gap for gap in gaps if gap > 20]
+        print(f"run 3, profiled: first to last kernel {span / 1e6:.3f} s, kernels {busy / 1e6:.3f} s, idle "
+              f"{(span - busy) / 1e6:.3f} s: {sum(long) / 1e6:.3f} s in {len(long)} gaps over 20 us (largest, ms: "
+              f"{', '.join(f'{gap / 1e3:.1f}' for gap in long[:10])}), {(sum(gaps) - sum(long)) / 1e6:.3f} s in "
+              f"{len(gaps) - len(long)} shorter ones")
 
 
 if __name__ == "__main__":
