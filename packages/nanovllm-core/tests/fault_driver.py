@@ -53,6 +53,7 @@ def main():
     path, mode, *args = sys.argv[1:]
     plugins.load_plugins()
     plugins.pm.register(fault_plugin, name="faulty")
+    os.environ["NANOVLLM_TEST_ENGINE_PID"] = str(os.getpid())  # where sigint-main sends Ctrl-C
     with LLM(path, **OPTIONS) as llm:
         reference = tokens(llm)
     result = {}

@@ -1,7 +1,8 @@
 """A fault-injecting attention backend for test_faults.py: the CPU backend, except that on the ranks and at the
 attention call NANOVLLM_TEST_FAULT names ("RANKS:CALL:KIND", e.g. "1:6:kill" or "all:6:raise") it raises, is
 killed (SIGKILL), aborts (SIGABRT), stops (SIGSTOP) or hangs while staying alive; or it sends Ctrl-C's SIGINT to
-the engine's process (sigint-main) or to the whole process group (sigint-group) and goes on."""
+the engine's process (sigint-main, its pid in NANOVLLM_TEST_ENGINE_PID) or to the whole process group (sigint-group)
+and goes on."""
 import os
 import signal
 import time
@@ -29,7 +30,10 @@ class FaultyAttention(TorchPagedAttention):
             if kind == "hang":
                 time.sleep(3600)
             if kind.startswith("sigint"):
-                os.kill(os.getppid(), signal.SIGINT) if kind == "sigint-main" else os.killpg(0, signal.SIGINT)
+                if kind == "sigint-main":
+                    os.kill(int(os.environ["NANOVLLM_TEST_ENGINE_PID"]), signal.SIGINT)
+                else:
+                    os.killpg(0, signal.SIGINT)
                 return super().forward(q, k, v, kv_cache, context)
             os.kill(os.getpid(), {"kill": signal.SIGKILL, "abort": signal.SIGABRT, "stop": signal.SIGSTOP}[kind])
         return super().forward(q, k, v, kv_cache, context)
