@@ -468,7 +468,9 @@ def test_n_samples_do_not_hold_up_other_prompts(llm):
 
 
 def test_profiler_folder_gets_each_ranks_table(tiny_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setenv("NANOVLLM_TORCH_PROFILER_DIR", str(tmp_path))
+    with LLM(tiny_checkpoint("qwen3"), tensor_parallel_size=2, **OPTIONS):  # ranks fork from a server started now
+        pass
+    monkeypatch.setenv("NANOVLLM_TORCH_PROFILER_DIR", str(tmp_path))  # which the next engine's ranks must see
     with LLM(tiny_checkpoint("qwen3"), tensor_parallel_size=2, **OPTIONS) as engine:
         engine.generate([[5, 6, 7]], SamplingParams(max_tokens=3), use_tqdm=False)
     for rank in (0, 1):
