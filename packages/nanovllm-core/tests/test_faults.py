@@ -1,5 +1,6 @@
 """Faults of a tensor-parallel engine end in a clear error in bounded time, leave no process behind, and leave a
-process that builds working engines; Ctrl-C leaves the engine usable; engines are freed by del and by with.
+process that builds working engines; Ctrl-C leaves the engine usable; engines are freed by del and by with; the fork
+server that ranks come from never asks for CUDA, so they can use it.
 
 Each scenario runs fault_driver.py in a subprocess with a timeout, so a regression fails instead of hanging CI.
 """
@@ -11,8 +12,10 @@ import sys
 import time
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
+from nanovllm.engine.workers import rank_context
 from nanovllm.testing import process_alive
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -112,3 +115,31 @@ def test_engines_side_by_side_and_freed_by_del_and_with(tiny_checkpoint):
     assert result["fds_per_engine"][1] == result["fds_per_engine"][2], "an engine built and freed leaks pipes"
     assert "has exited" in result["after_with"] and result["with_matches"]
     assert result["tp1_freed"]
+
+
+def test_the_fork_server_imports_nothing_that_asks_for_cuda():
+    """Its ranks could not use CUDA otherwise: run in a fresh interpreter, every torch.cuda call that initializes
+    CUDA or asks the driver is recorded while the server's preload and the installed plugins are imported."""
+    script = """
+import torch
+calls = []
+for name in ("_lazy_init", "init", "is_available", "device_count", "current_device", "get_device_properties",
+             "get_device_capability", "get_device_name", "set_device"):
+    setattr(torch.cuda, name, lambda *args, _name=name, **kwargs: calls.append(_name))
+import nanovllm.engine.workers
+from nanovllm import plugins
+plugins.load_plugins()
+print(calls)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.gpu
+def test_a_rank_forked_after_the_engine_initialized_cuda_can_use_it():
+    torch.ones(1, device="cuda")  # as the engine's process may have done before building a tensor-parallel engine
+    process = rank_context().Process(target=torch.cuda.init)  # raises in a child forked from a CUDA process
+    process.start()
+    process.join(120)
+    assert process.exitcode == 0

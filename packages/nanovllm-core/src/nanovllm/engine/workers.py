@@ -60,6 +60,14 @@ def _beat(heartbeats, rank: int):
         time.sleep(HEARTBEAT_SECONDS)
 
 
+def rank_context():
+    """Where ranks come from: a fork server that imports torch and the engine once per process, so each rank is
+    forked from it in a fraction of a second instead of importing them again (seconds), and never inherits CUDA."""
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 def run_worker(config: Config, rank: int, model_cls: type, backend_cls: type, port: int, conn, heartbeats,
                environ: dict[str, str]):
     """One rank: build the model, answer "ready", then run what the engine sends until it says exit. Steps are
@@ -119,10 +127,7 @@ class Workers:
         self.heartbeat_timeout = _seconds("NANOVLLM_HEARTBEAT_TIMEOUT", 30.0)
         self.step_timeout = _seconds("NANOVLLM_STEP_TIMEOUT", 300.0)
         self.world_size = config.tensor_parallel_size
-        # a fork server imports torch and the engine once per process; each rank is then forked from it in a
-        # fraction of a second instead of importing them again (seconds), and before CUDA is initialized
-        context = mp.get_context("forkserver")
-        context.set_forkserver_preload([__name__])
+        context = rank_context()
         self.heartbeats = context.Array("d", self.world_size, lock=False)  # 0 until a rank's first beat
         self.conns, self.processes = [], []
         self.unanswered = [0] * self.world_size  # replies each rank still owes
