@@ -73,7 +73,7 @@ def test_prompts_as_numpy_or_torch_integer_arrays(llm):
     prompt = [5, 6, 7, 8, 9]
     expected = llm.generate([prompt], GREEDY, use_tqdm=False)[0]["token_ids"]
     for array in (np.array(prompt), np.array(prompt, dtype=np.int32), torch.tensor(prompt),
-                  torch.tensor(prompt, dtype=torch.int32)):
+                  torch.tensor(prompt, dtype=torch.int32), [np.int64(t) for t in prompt]):
         assert llm.generate([array], GREEDY, use_tqdm=False)[0]["token_ids"] == expected
     assert [o["token_ids"] for o in llm.generate(np.array([prompt, prompt]), GREEDY, use_tqdm=False)] == [expected] * 2
 

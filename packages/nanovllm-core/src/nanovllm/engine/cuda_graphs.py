@@ -59,6 +59,7 @@ class CudaGraphs:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool):
             self.hidden[:num_tokens] = self.model(ids, positions)
+        graph.replay()  # a graph's first replay uploads it: here, not in the first steps that use it
         torch.cuda.synchronize()
         return graph
 

@@ -129,12 +129,14 @@ class LLMEngine:
             if not isinstance(token_ids, (list, tuple)):
                 raise TypeError(f"a prompt must be a string or a list of token ids, not {type(prompt).__name__}")
             token_ids = list(token_ids)
-        not_ints = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
-        if not_ints:
-            raise TypeError(f"token id {not_ints[0]!r} is a {type(not_ints[0]).__name__}; token ids are integers")
-        token_ids = [int(t) for t in token_ids]
         if not token_ids:
             raise ValueError("prompt is empty; give at least one token")
+        if not set(map(type, token_ids)) <= {int}:  # plain ints (the common case) need no check one by one
+            not_ints = [t for t in token_ids if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
+            if not_ints:
+                raise TypeError(f"token id {not_ints[0]!r} is a {type(not_ints[0]).__name__}; token ids are "
+                                f"integers")
+            token_ids = [int(t) for t in token_ids]
         if len(token_ids) > self.config.max_model_len:
             raise ValueError(f"prompt has {len(token_ids)} tokens, more than max_model_len="
                              f"{self.config.max_model_len}; shorten it or raise max_model_len")
@@ -143,9 +145,9 @@ class LLMEngine:
 
     def _check_vocabulary(self, token_ids, what: str):
         vocab_size = self.config.hf_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"token id {bad[0]!r} is outside the vocabulary [0, {vocab_size}); check {what} "
+        if token_ids and not (0 <= min(token_ids) and max(token_ids) < vocab_size):
+            bad = next(t for t in token_ids if not 0 <= t < vocab_size)
+            raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab_size}); check {what} "
                              f"against this model's tokenizer")
 
     def _validated_params(self, params) -> SamplingParams:
@@ -177,8 +179,12 @@ class LLMEngine:
         if self._in_flight is None:
             return []
         (batch, sampled), self._in_flight = self._in_flight, None
-        return self.scheduler.update(batch, sampled.tolist(), self._stop_string_hit, sampled.logprobs(),
-                                     sampled.prompt_logprobs())
+        finished = self.scheduler.update(batch, sampled.tolist(), self._stop_string_hit, sampled.logprobs(),
+                                         sampled.prompt_logprobs())
+        for seq in finished:  # decoded now, while the GPU runs the next step
+            if seq.text is None:
+                seq.text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
+        return finished
 
     def _stop_string_hit(self, seq: Sequence, end: int) -> bool:
         """Whether the output up to token ``end`` holds a stop string; if so its text, cut there, is kept."""
@@ -195,7 +201,7 @@ class LLMEngine:
         if not hits:
             return False
         position, stop = min(hits)
-        seq.stop_text = text[:position + len(stop) if params.include_stop_str_in_output else position]
+        seq.text = text[:position + len(stop) if params.include_stop_str_in_output else position]
         return True
 
     def is_finished(self) -> bool:
@@ -256,9 +262,7 @@ class LLMEngine:
 
     def _output(self, samples: list[Sequence]) -> dict:
         """A prompt's output: its first sample's fields; with n > 1 also "outputs", every sample's."""
-        outputs = [{"text": seq.stop_text if seq.stop_text is not None else
-                    self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True),
-                    "token_ids": seq.completion_token_ids, "finish_reason": seq.finish_reason,
+        outputs = [{"text": seq.text, "token_ids": seq.completion_token_ids, "finish_reason": seq.finish_reason,
                     "num_cached_tokens": seq.num_cached_tokens}
                    | ({"logprobs": seq.logprobs} if seq.sampling_params.logprobs is not None else {})
                    | ({"prompt_logprobs": seq.prompt_logprobs} if seq.prompt_logprobs is not None else {})

@@ -30,7 +30,7 @@ class Sequence:
         self.block_table: list[int] = []  # KV blocks by slot: slot s is block_table[s // block_size]
         self.block_hashes: list[int] = []  # hash chain of the leading full blocks already in the cache
         self.finish_reason: str | None = None
-        self.stop_text: str | None = None  # the output text when a stop string ended it
+        self.text: str | None = None  # the output text once finished (cut at the stop string that ended it)
         self.logprobs: list[dict[int, float]] = []  # per output token, when SamplingParams.logprobs asks
         # per prompt token (None for the first, which nothing predicts), when prompt_logprobs asks: one sample's
         asks = sampling_params.prompt_logprobs is not None and sample_index == 0
