@@ -9,9 +9,9 @@ wall time they fill; the synchronous run also gives the CPU time per step outsid
 (scheduling, input preparation, sampling), which async scheduling hides behind the GPU. Then, in one more engine
 (async), the workload twice with CUDA events around each step's launches: per run, the GPU's idle time before steps,
 the steps it waited longest before, and the CUDA memory segments allocated during the run, so that what only a
-first run pays shows beside what every run pays. A third run in that engine, under torch.profiler (CUDA activity),
-joins every kernel's interval: the GPU's idle time between its first and last kernel, split into gaps over 20 us
-(the GPU waiting for the CPU) and shorter ones (between two kernels of a CUDA graph), with the largest gaps.
+first run pays shows beside what every run pays. (CUDA events, not torch.profiler: on an H100 a run under the profiler
+showed the GPU idle for up to 18 ms at a time, where CUDA events before each step found at most 2.4 ms in two runs
+without it: benchmarks/RESULTS.md.)
 """
 import argparse
 import os
@@ -91,24 +91,6 @@ def waits(llm, prompts, params, runs=2):
     return results
 
 
-def idle_gaps(llm):
-    """The requests added to ``llm`` run under torch.profiler: the GPU's busy time (its kernels' and copies' intervals
-    joined), the time from its first to its last kernel, and the gaps between them, longest first (all in
-    microseconds)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profiler:
-        run_to_end(llm)
-    kernels = sorted((e.time_range.start, e.time_range.end) for e in profiler.events()
-                     if e.device_type == torch.autograd.DeviceType.CUDA)
-    busy, gaps, (start, end) = 0.0, [], kernels[0]
-    for first, last in kernels[1:]:
-        if first > end:  # the GPU ran nothing from end to first
-            busy += end - start
-            gaps.append(first - end)
-            start = first
-        end = max(end, last)
-    return busy + end - start, end - kernels[0][0], sorted(gaps, reverse=True)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model")
@@ -137,14 +119,7 @@ def main():
                   f"{len(long)} waits over 1 ms; {segments} CUDA memory segments allocated; longest waits: "
                   + ", ".join(f"{ms:.1f} ms before step {step} ({kind}, {tokens} tokens)"
                               for ms, step, kind, tokens in long[:8]))
-        add_workload(llm, prompts, params)
-        busy, span, gaps = idle_gaps(llm)
         llm.exit()
-        long = [gap for gap in gaps if gap > 20]
-        print(f"run 3, profiled: first to last kernel {span / 1e6:.3f} s, kernels {busy / 1e6:.3f} s, idle "
-              f"{(span - busy) / 1e6:.3f} s: {sum(long) / 1e6:.3f} s in {len(long)} gaps over 20 us (largest, ms: "
-              f"{', '.join(f'{gap / 1e3:.1f}' for gap in long[:10])}), {(sum(gaps) - sum(long)) / 1e6:.3f} s in "
-              f"{len(gaps) - len(long)} shorter ones")
 
 
 if __name__ == "__main__":
