@@ -47,7 +47,8 @@ def run_engine(model, workload_file, options):
           flush=True)
 
 
-def child(model, workload_file, options, pythonpath=None):
+def child(label, model, workload_file, options, pythonpath=None):
+    """One engine's run in its own process; prints its figures at once, so that a run cut short keeps them."""
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
@@ -58,7 +59,10 @@ def child(model, workload_file, options, pythonpath=None):
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
         raise SystemExit(f"engine run failed: {' '.join(cmd)}")
     line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    result = json.loads(line[len("RESULT "):])
+    print(f"{label:>14}: {result['output_tokens']} tok in {result['seconds']:.2f} s = {result['throughput']:.0f} tok/s",
+          flush=True)
+    return result
 
 
 def hbm_bound(model, prompts, max_tokens, gpu_name, num_gpus=1):
@@ -127,31 +131,28 @@ def main():
             options["dtype"] = args.dtype
         summary = dict(device=gpu, num_seqs=args.num_seqs, expected_output_tokens=sum(max_tokens),
                        tensor_parallel_size=args.tensor_parallel_size)
-        summary["nanovllm"] = child(model, workload_file, options)
+        summary["nanovllm"] = child("nanovllm", model, workload_file, options)
         for backend in args.backend:
             name, _, path = backend.partition("=")
-            summary[f"nanovllm[{name}]"] = child(model, workload_file, {**options, "attention_backend": name},
-                                                 pythonpath=path or None)
+            label = f"nanovllm[{name}]"
+            summary[label] = child(label, model, workload_file, {**options, "attention_backend": name},
+                                   pythonpath=path or None)
         for tp in args.also_tp:
-            other = summary[f"nanovllm[tp={tp}]"] = child(model, workload_file, {**options, "tensor_parallel_size": tp})
+            label = f"nanovllm[tp={tp}]"
+            other = summary[label] = child(label, model, workload_file, {**options, "tensor_parallel_size": tp})
             summary[f"ratio_to_tp={tp}"] = summary["nanovllm"]["throughput"] / other["throughput"]
         for baseline in args.baseline:
             label, _, path = baseline.partition("=")
-            summary[label] = child(model, workload_file, options, pythonpath=path)
+            summary[label] = child(label, model, workload_file, options, pythonpath=path)
             summary[f"ratio_to_{label}"] = summary["nanovllm"]["throughput"] / summary[label]["throughput"]
         if args.upstream:
-            summary["upstream"] = child(model, workload_file, options, pythonpath=os.path.abspath(args.upstream))
+            summary["upstream"] = child("upstream", model, workload_file, options,
+                                        pythonpath=os.path.abspath(args.upstream))
             summary["ratio"] = summary["nanovllm"]["throughput"] / summary["upstream"]["throughput"]
         if torch.cuda.is_available():
             summary["hbm_bound"] = hbm_bound(model, prompts, max_tokens, gpu, args.tensor_parallel_size)
             summary["fraction_of_bound"] = summary["hbm_bound"]["bound_seconds"] / summary["nanovllm"]["seconds"]
     baselines = [b.partition("=")[0] for b in args.baseline]
-    engines = ["nanovllm", *(f"nanovllm[{b.partition('=')[0]}]" for b in args.backend),
-               *(f"nanovllm[tp={tp}]" for tp in args.also_tp), *baselines, "upstream"]
-    for engine in engines:
-        if engine in summary:
-            r = summary[engine]
-            print(f"{engine:>14}: {r['output_tokens']} tok in {r['seconds']:.2f} s = {r['throughput']:.0f} tok/s")
     for tp in args.also_tp:
         print(f"    ratio: {summary[f'ratio_to_tp={tp}']:.3f}x nanovllm at TP={tp}")
     for label in baselines:
