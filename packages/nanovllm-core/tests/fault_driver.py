@@ -51,6 +51,8 @@ def after_failure(result: dict, path: str, reference, pids):
 
 def main():
     path, mode, *args = sys.argv[1:]
+    # Ctrl-C as at a terminal, also where pytest runs in the background (whose children start ignoring SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     plugins.load_plugins()
     plugins.pm.register(fault_plugin, name="faulty")
     os.environ["NANOVLLM_TEST_ENGINE_PID"] = str(os.getpid())  # where sigint-main sends Ctrl-C
