@@ -9,9 +9,9 @@ p99 of the short requests, which a long prefill stalls unless it is chunked (and
 long_prefill_token_threshold, computed a few hundred tokens per step): the median over
 --repeats runs of the schedule, after one warm-up run, each run with new random prompts (so that none
 is served from the prefix cache). "short alone" runs the short requests
-without the long ones: the latency to compare with. The 256-tokens-a-step setting bounds every step, as vLLM users
-lower max_num_batched_tokens for inter-token latency: a long prompt's chunk, a short prompt and the decodes share
-one 256-token CUDA graph. Per setting it also prints where the steps'
+without the long ones: the latency to compare with. The 256- and 128-tokens-a-step settings bound every step, as
+vLLM users lower max_num_batched_tokens for inter-token latency: a long prompt's chunk, a short prompt and the decodes
+share one CUDA graph of that many tokens. Per setting it also prints where the steps'
 time goes: wall time per step by kind (decode only, or carrying prefill tokens) with the GPU time
 of the model inside it, the slowest steps' make-up, how many engine steps the slowest ITLs spanned,
 Python's garbage-collector pauses, and graphs torch.compile made during timed runs.
@@ -37,6 +37,9 @@ SETTINGS = {"short alone": (dict(enable_chunked_prefill=True, max_num_batched_to
                for cap in (256, 128, 64)},
             "chunked on, 256 tokens/step, prompts capped at 128": (
                 dict(enable_chunked_prefill=True, max_num_batched_tokens=256, max_num_seqs=256,
+                     long_prefill_token_threshold=128), True),
+            "chunked on, 128 tokens/step, prompts capped at 128": (
+                dict(enable_chunked_prefill=True, max_num_batched_tokens=128, max_num_seqs=128,
                      long_prefill_token_threshold=128), True),
             "chunked prefill off": (dict(enable_chunked_prefill=False, max_num_batched_tokens=8192), True)}
 
