@@ -202,9 +202,13 @@ def run_config(path: str, name: str, budget_gib: float, steps: int, profile: boo
     return result
 
 
-def run_child(script: str, args: list[str], label: str) -> dict:
-    """Run ``script args`` in a fresh Python and return the JSON of its ``RESULT`` line."""
-    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+def run_child(script: str, args: list[str], label: str, pythonpath: str | None = None) -> dict:
+    """Run ``script args`` in a fresh Python (``pythonpath`` first on its path) and return the JSON of its
+    ``RESULT`` line."""
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env)
     if proc.returncode:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
         raise SystemExit(f"{label} failed")

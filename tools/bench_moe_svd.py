@@ -1,13 +1,15 @@
 """Low-rank experts beside dense ones on Mixtral 8x7B's exact layer shape, random weights, in one run.
 
     python tools/bench_moe_svd.py [--layers 4] [--ranks 256 1024] [--budget-gib 11] [--steps 32] [--json FILE]
-                                  [--profile]
+                                  [--profile] [--baseline LABEL=PYTHONPATH ...]
 
 Runs, each in its own process (decode tok/s at batch 1 and 16 as tools/bench_moe.py measures them):
   resident, offload-cached, offload   on a --layers checkpoint with dense experts (offload under --budget-gib)
   svd-R                               the same checkpoint with random rank-R factors beside it
   svd-256-32                          all 32 layers under --budget-gib: a checkpoint without dense experts (the
                                       manager needs none) and rank-256 factors, attention and KV cache included
+  svd-256-32 (LABEL)                  the same with --baseline's sources first on the path (another commit's
+                                      packages), in the same run
 and reports each svd run against its HBM bound: per decode step the attention and router weights, half the
 embedding and head, each layer's bases U, and the distinct experts' factors V (counted in the offload-cached run;
 the routing of these random weights does not depend on how experts are stored). --profile prints each svd
@@ -87,11 +89,12 @@ def run_svd(path: str, folder: str, budget_gib: float | None, steps: int, profil
     return result
 
 
-def svd_child(path: str, folder: str, budget_gib: float, steps: int, profile: bool) -> dict:
+def svd_child(path: str, folder: str, budget_gib: float, steps: int, profile: bool, label: str = "",
+              pythonpath: str | None = None) -> dict:
     args = ["--child", path, folder, str(budget_gib), "--steps", str(steps)] + (["--profile"] if profile else [])
-    run = run_child(__file__, args, f"svd on {folder}")
+    run = run_child(__file__, args, f"svd on {folder}", pythonpath)
     for batch, kernels in run.get("profile", {}).items():
-        print(f"{folder}, batch {batch}: kernels per decode step", flush=True)
+        print(f"{folder}{label}, batch {batch}: kernels per decode step", flush=True)
         for kernel, launches, micros in kernels:
             print(f"  {micros:9.1f} us {launches:6.1f}x  {kernel[:110]}", flush=True)
     return run
@@ -106,6 +109,8 @@ def main():
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--json")
     parser.add_argument("--profile", action="store_true", help="print each svd run's kernels per decode step")
+    parser.add_argument("--baseline", action="append", default=[], metavar="LABEL=PYTHONPATH",
+                        help="also run svd-256-32 with these sources first on the path")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -134,12 +139,15 @@ def main():
     folder = os.path.join(full_path, "svd-256")
     write_factors(folder, 32, 256)
     summary["runs"]["svd-256-32"] = svd_child(full_path, folder, args.budget_gib, args.steps, args.profile)
+    for label, pythonpath in (baseline.split("=", 1) for baseline in args.baseline):
+        summary["runs"][f"svd-256-32 ({label})"] = svd_child(full_path, folder, args.budget_gib, args.steps,
+                                                             args.profile, f" ({label})", pythonpath)
     run = summary["runs"]["svd-256-32"]
     print(f"svd-256, 32 layers under {args.budget_gib} GiB: {run['weights_and_cache_gib']:.2f} GiB allocated after "
           f"loading, peak {run['peak_gib']:.2f} GiB, {run['device_used_gib']:.2f} GiB used on the GPU", flush=True)
-    print(f"\n{'run':>16} {'layers':>6} " + " ".join(f"{f'batch {b} tok/s':>14} {'of bound':>8}" for b in BATCHES))
+    print(f"\n{'run':>24} {'layers':>6} " + " ".join(f"{f'batch {b} tok/s':>14} {'of bound':>8}" for b in BATCHES))
     for name, run in summary["runs"].items():
-        layers = 32 if name.endswith("-32") else args.layers
+        layers = 32 if "-32" in name else args.layers
         cells = []
         for batch in BATCHES:
             row = run["batches"][str(batch)]
@@ -152,7 +160,7 @@ def main():
                 row["hbm_bound_tok_per_s"] = batch / (step_bytes / hbm)
                 bound = f"{row['tok_per_s'] / row['hbm_bound_tok_per_s']:.0%}"
             cells.append(f"{row['tok_per_s']:14.1f} {bound:>8}")
-        print(f"{name:>16} {layers:>6} " + " ".join(cells))
+        print(f"{name:>24} {layers:>6} " + " ".join(cells))
     print("SUMMARY " + json.dumps(summary))
     if args.json:
         with open(args.json, "w") as f:
