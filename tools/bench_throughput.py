@@ -39,11 +39,18 @@ def run_engine(model, workload_file, options):
     llm = LLM(model, **options)
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in workload["max_tokens"]]
     llm.generate(["Benchmark: "], SamplingParams(), use_tqdm=False)
+    scheduler, preempted = llm.scheduler, []
+    if hasattr(scheduler, "preempt"):  # upstream's scheduler does not count them
+        scheduler.preempt = lambda seq, preempt=scheduler.preempt: (preempted.append(seq.seq_id), preempt(seq))
+    before = getattr(scheduler, "num_preemptions", 0)
     start = time.perf_counter()
     outputs = llm.generate(workload["prompts"], params, use_tqdm=False)
     seconds = time.perf_counter() - start
     tokens = sum(len(o["token_ids"]) for o in outputs)
-    print("RESULT " + json.dumps({"output_tokens": tokens, "seconds": seconds, "throughput": tokens / seconds}),
+    blocks = scheduler.block_manager
+    print("RESULT " + json.dumps({"output_tokens": tokens, "seconds": seconds, "throughput": tokens / seconds,
+                                  "kv_cache_tokens": len(blocks.blocks) * blocks.block_size,
+                                  "preemptions": getattr(scheduler, "num_preemptions", 0) - before + len(preempted)}),
           flush=True)
 
 
@@ -60,8 +67,8 @@ def child(label, model, workload_file, options, pythonpath=None):
         raise SystemExit(f"engine run failed: {' '.join(cmd)}")
     line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
     result = json.loads(line[len("RESULT "):])
-    print(f"{label:>14}: {result['output_tokens']} tok in {result['seconds']:.2f} s = {result['throughput']:.0f} tok/s",
-          flush=True)
+    print(f"{label:>14}: {result['output_tokens']} tok in {result['seconds']:.2f} s = {result['throughput']:.0f} tok/s "
+          f"(KV cache {result['kv_cache_tokens']:,} tokens, {result['preemptions']} preemptions)", flush=True)
     return result
 
 
@@ -122,6 +129,7 @@ def main():
             with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # 8B random weights: fast on a GPU
                 model = testing.make_random_checkpoint(os.path.join(folder, f"{args.shape}-random"), "Qwen3ForCausalLM",
                                                        dtype=torch.bfloat16, **getattr(testing, SHAPES[args.shape]))
+            torch.cuda.empty_cache()  # else this process keeps the memory (49 GB for 8B) from the engines' KV caches
         prompts, max_tokens = make_workload(args.num_seqs, args.input_len, args.output_len)
         workload_file = os.path.join(folder, "workload.json")
         with open(workload_file, "w") as f:
