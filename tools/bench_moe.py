@@ -99,6 +99,7 @@ def write_checkpoint(path: str, layers: int, experts: bool = True):
             tensors |= {q + "w1.weight": randn(I, H), q + "w3.weight": randn(I, H), q + "w2.weight": randn(H, I)}
         save_file(tensors, os.path.join(path, f"model-{i:05d}.safetensors"), metadata={"format": "pt"})
         print(f"  layer {i + 1}/{layers} written", flush=True)
+    torch.cuda.empty_cache()  # the engines' processes count the GPU's free memory
     tokenizer.save_pretrained(path)
     MixtralConfig(**MIXTRAL_8X7B, num_hidden_layers=layers, architectures=["MixtralForCausalLM"],
                   eos_token_id=tokenizer.eos_token_id, dtype="bfloat16").save_pretrained(path)

@@ -55,6 +55,7 @@ def write_factors(folder: str, layers: int, rank: int):
             save_file({"gate": factor(H), "up": factor(H), "down": factor(I)},
                       os.path.join(folder, "V_experts", f"layer_{layer}_expert_{expert}.safetensors"))
     save_file(bases, os.path.join(folder, "U_matrices.safetensors"))
+    torch.cuda.empty_cache()  # the engines' processes count the GPU's free memory
     with open(os.path.join(folder, "metadata.json"), "w") as f:
         json.dump(dict(rank=rank, dtype="bfloat16", method="random", settings={}, hidden_size=H,
                        layers={str(i): dict(num_experts=E, intermediate_size=I) for i in range(layers)}), f)
