@@ -25,11 +25,9 @@ import json
 import os
 import random
 import shutil
-import subprocess
-import sys
 import time
 
-from bench_throughput import GPU_PEAKS
+from bench_throughput import GPU_PEAKS, run_child
 
 MIXTRAL_8X7B = dict(hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2,
                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=32000,
@@ -201,19 +199,6 @@ def run_config(path: str, name: str, budget_gib: float, steps: int, profile: boo
     result["outside_allocator_gib"] = (total - free - torch.cuda.memory_reserved()) / 2**30
     llm.exit()
     return result
-
-
-def run_child(script: str, args: list[str], label: str, pythonpath: str | None = None) -> dict:
-    """Run ``script args`` in a fresh Python (``pythonpath`` first on its path) and return the JSON of its
-    ``RESULT`` line."""
-    env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env)
-    if proc.returncode:
-        sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-        raise SystemExit(f"{label} failed")
-    return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
 
 
 def child(path, name, budget_gib, steps, profile):

@@ -23,8 +23,8 @@ import time
 
 from bench_moe import (ATTENTION_BYTES, BATCHES, CUDA_CONTEXT_GIB, E, ENGINE, EXPERT_BYTES, H, I, MIXTRAL_8X7B,
                        OUTER_BYTES, PROMPT_LEN, child as dense_child, decode_timings, kernel_profile, kv_cache_gib,
-                       num_layers, run_child, write_checkpoint)
-from bench_throughput import GPU_PEAKS
+                       num_layers, write_checkpoint)
+from bench_throughput import GPU_PEAKS, run_child
 
 ROUTER_BYTES = E * H * 2
 

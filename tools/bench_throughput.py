@@ -54,19 +54,24 @@ def run_engine(model, workload_file, options):
           flush=True)
 
 
-def child(label, model, workload_file, options, pythonpath=None):
-    """One engine's run in its own process; prints its figures at once, so that a run cut short keeps them."""
+def run_child(script: str, args: list[str], label: str, pythonpath: str | None = None) -> dict:
+    """Run ``script args`` in a fresh Python (``pythonpath`` first on its path) and return the JSON of its
+    ``RESULT`` line."""
     env = dict(os.environ)
     if pythonpath:
         env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, __file__, "--run-engine", "--model", model, "--workload", workload_file,
-           "--options", json.dumps(options)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    cmd = [sys.executable, script, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode:
         sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-6000:])
-        raise SystemExit(f"engine run failed: {' '.join(cmd)}")
-    line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
-    result = json.loads(line[len("RESULT "):])
+        raise SystemExit(f"{label} failed: {' '.join(cmd)}")
+    return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
+
+
+def child(label, model, workload_file, options, pythonpath=None):
+    """One engine's run in its own process; prints its figures at once, so that a run cut short keeps them."""
+    result = run_child(__file__, ["--run-engine", "--model", model, "--workload", workload_file,
+                                  "--options", json.dumps(options)], f"{label} engine run", pythonpath)
     print(f"{label:>14}: {result['output_tokens']} tok in {result['seconds']:.2f} s = {result['throughput']:.0f} tok/s "
           f"(KV cache {result['kv_cache_tokens']:,} tokens, {result['preemptions']} preemptions)", flush=True)
     return result
