@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a GPU machine from this checkout (no registry there) and run the GPU tests and benchmarks.
-#   tools/device_run.sh [tests|bench|latency|profile|fa1|moe|snapkv|all]...   logs and summaries go to $OUT (default ./out)
+#   tools/device_run.sh [tests|bench|latency|profile|fa1|moe|svd|snapkv|all]...   logs and summaries go to $OUT (default ./out)
 # Needs, in the ignored folder .gpu/: wheels/fa2/*.whl and wheels/fa1/*.whl (flash-attn 2 and 1 built
 # for the GPU's image) and, for the side-by-side benchmark, nano-vllm/ (an upstream nano-vllm
 # checkout, never committed). The two flash-attn majors live in separate folders, /tmp/fa2 and /tmp/fa1.
@@ -50,6 +50,10 @@ for step in "${@:-all}"; do
             packages/nanovllm-core/tests/test_grouped_moe_kernel.py \
             packages/nanovllm-core/tests/test_routing_kernel.py 2>&1 | tee "$OUT/moe_tests.log" || status=1
         python3 tools/bench_moe.py --json "$OUT/moe.json" 2>&1 | tee "$OUT/moe.log" || status=1
+    fi
+    if [[ $step == svd || $step == all ]]; then
+        python3 -m pytest -m gpu -q -p no:cacheprovider packages/nanovllm-moe-svd 2>&1 | tee "$OUT/svd_tests.log" || status=1
+        python3 tools/bench_moe_svd.py --ranks 256 --profile --json "$OUT/svd.json" 2>&1 | tee "$OUT/svd.log" || status=1
     fi
     if [[ $step == snapkv || $step == all ]]; then
         python3 tools/train_retrieval_model.py --output "$OUT/retrieval" 2>&1 | tee "$OUT/retrieval_train.log" || status=1

@@ -109,11 +109,13 @@ class SVDExperts(nanovllm.ExpertManager):
         return (hidden @ self.v_down[expert].t()) @ self.u_down.t()
 
     def grouped_forward(self, x, topk_weights, topk_ids):
-        """Both small factors by core's grouped Triton matmul over the pairs sorted by expert, the shared bases by
-        one dense matmul each; the down basis after each token's pairs are summed (it is linear). No host sync."""
+        """Both small factors by core's grouped Triton matmul over the pairs sorted by expert; the gate and up bases
+        with SiLU-and-multiply in one kernel; the down basis, one dense matmul, after each token's pairs are summed
+        (it is linear). No host sync."""
         from nanovllm.kernels.grouped_moe import (block_m_for, grouped_matmul, sort_pairs_by_expert, split_k_for,
                                                   sum_pair_rows)
-        num_pairs, rank = topk_ids.numel(), self.rank_13
+        from nanovllm_moe_svd.kernels import gate_up_silu
+        num_pairs = topk_ids.numel()
         block_m = block_m_for(num_pairs)
         pair_ids, block_experts = sort_pairs_by_expert(topk_ids, self.num_experts, block_m)
 
@@ -124,10 +126,8 @@ class SVDExperts(nanovllm.ExpertManager):
             grouped_matmul(a, v, out, scale, pair_ids, block_experts, num_pairs, a_row_div, block_m, split_k=split)
             return out
         t13 = sum_pair_rows(factor(x, self.v13, None, topk_ids.size(1)), num_pairs, x.dtype)
-        gate_up = torch.empty(num_pairs, 2 * self.intermediate_size, dtype=x.dtype, device=x.device)
-        torch.mm(t13[:, :rank], self.u_gate.t(), out=gate_up[:, :self.intermediate_size])
-        torch.mm(t13[:, rank:], self.u_up.t(), out=gate_up[:, self.intermediate_size:])
-        t_down = factor(silu_and_mul(gate_up), self.v_down, topk_weights.flatten().float().contiguous(), 1)
+        hidden = gate_up_silu(t13, self.u_gate, self.u_up)
+        t_down = factor(hidden, self.v_down, topk_weights.flatten().float().contiguous(), 1)
         return sum_pair_rows(t_down, x.size(0), x.dtype) @ self.u_down.t()
 
 

@@ -1,0 +1,57 @@
+"""One Triton kernel for the gate and up bases and SiLU-and-multiply: ``silu(t_gate @ U_gate.T) * (t_up @ U_up.T)``.
+Three launches become one, and neither [pairs, I] product is written out: at decode a layer's bases are a few
+microseconds of reading, so the launches and round trips were most of their cost."""
+import torch
+import triton
+import triton.language as tl
+
+from nanovllm.kernels import shared_memory
+
+
+@triton.jit
+def _gate_up_silu_kernel(t_ptr, u_gate_ptr, u_up_ptr, out_ptr, M, N, R, stride_t, stride_u, stride_out,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for start in range(0, R, BLOCK_K):
+        offs_k = start + tl.arange(0, BLOCK_K)
+        t_mask = (rows[:, None] < M) & (offs_k[None, :] < R)
+        u_mask = (cols[None, :] < N) & (offs_k[:, None] < R)
+        t_rows = t_ptr + rows[:, None] * stride_t + offs_k[None, :]
+        u_cols = cols[None, :] * stride_u + offs_k[:, None]
+        gate = tl.dot(tl.load(t_rows, mask=t_mask, other=0.0), tl.load(u_gate_ptr + u_cols, mask=u_mask, other=0.0),
+                      gate)
+        up = tl.dot(tl.load(t_rows + R, mask=t_mask, other=0.0), tl.load(u_up_ptr + u_cols, mask=u_mask, other=0.0),
+                    up)
+    dtype = out_ptr.dtype.element_ty
+    g = gate.to(dtype).to(tl.float32)  # rounded where the two matmuls' outputs and silu_and_mul round
+    silu = (g / (1.0 + tl.exp(-g))).to(dtype)
+    tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], silu * up.to(dtype),
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def tile_config(m: int, r: int, device: torch.device) -> dict:
+    """Decode (few rows): narrow column tiles over the whole rank, so some 200 programs each stream their slice of
+    both bases at once; prefill: square tiles to reuse each basis tile."""
+    block_m, block_n, block_k, warps = ((min(64, max(16, triton.next_power_of_2(m))), 64, 256, 4) if m <= 256
+                                        else (128, 128, 64, 8))
+    block_k = min(block_k, max(16, triton.next_power_of_2(r)))
+    if device.type != "cuda":  # Triton's CPU interpreter: warps and stages do not apply
+        return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    shared = shared_memory(device)
+    while block_k > 32 and 2 * 2 * (block_m + block_n) * block_k * 2 > shared:  # two products, two stages
+        block_k //= 2
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=2)
+
+
+def gate_up_silu(t: torch.Tensor, u_gate: torch.Tensor, u_up: torch.Tensor) -> torch.Tensor:
+    """t: [M, 2r] holding [t_gate, t_up]; u_gate, u_up: [N, r] contiguous. Returns silu(t_gate @ u_gate.T) *
+    (t_up @ u_up.T): [M, N] in t's dtype."""
+    m, r, n = t.shape[0], u_gate.shape[1], u_gate.shape[0]
+    out = torch.empty(m, n, dtype=t.dtype, device=t.device)
+    config = tile_config(m, r, t.device)
+    grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]))
+    _gate_up_silu_kernel[grid](t, u_gate, u_up, out, m, n, r, t.stride(0), u_gate.stride(0), out.stride(0), **config)
+    return out
