@@ -1,7 +1,7 @@
 """Attention alone: core's Triton paged-attention kernel against flash-attn 2's, for decode and for steps with a
 prompt chunk.
 
-    python tools/bench_paged_attention.py [--baseline FILE]...
+    python tools/bench_paged_attention.py [--baseline FILE]... [--fa3 SO_FILE]
 
 For a few decode shapes (fp16, head size 128, page 256, blocks shuffled; every sequence at the same length, or
 one long sequence among short ones, as when a long prompt decodes beside chat requests):
@@ -14,6 +14,10 @@ small shapes measure Python's kernel launches); each output's largest difference
 beside it. Then steps with prompt tokens (bf16): chunks ending a long prompt beside decodes, short prompts beside
 decodes, and prompts alone. The kernel as a CUDA graph of such a step runs it (and padded as the step's graph
 lays it out), against flash_attn_varlen_func over the paged cache as eager steps run it.
+
+--fa3 adds flash-attn 3 (Hopper) beside them, in a CUDA graph too: its forward op from a compiled library, such as
+the one vLLM's wheel for this torch ships (vllm 0.20.0 for torch 2.11: ``vllm/vllm_flash_attn/_vllm_fa3_C.abi3.so``),
+loaded with torch.ops.load_library; its own split and GQA-packing heuristics.
 """
 import argparse
 import importlib.util
@@ -51,8 +55,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--baseline", action="append", default=[], metavar="FILE",
                         help="a file whose paged_attention(q, kv_cache, cu_seqlens_q, ...) to time too (repeatable)")
+    parser.add_argument("--fa3", metavar="SO_FILE", help="a flash-attn 3 library whose forward op to time too")
     args = parser.parse_args()
     from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+    fa3 = load_fa3(args.fa3) if args.fa3 else None
 
     from nanovllm.kernels.paged_attention import key_splits, paged_attention
     baselines = {pathlib.Path(path).stem: load_paged_attention(path) for path in args.baseline}
@@ -75,6 +81,9 @@ def main():
                                                            block_table=tables, causal=True).squeeze(1)}
         for stem, baseline in baselines.items():
             runs[stem] = lambda baseline=baseline: baseline(q, cache, cu_seqlens_q, lens, tables, 1, scale)
+        if fa3:
+            runs["flash-attn 3"] = lambda: fa3(q, cache, cu_seqlens_q, lens, tables, 1, max(first_tokens, tokens),
+                                                 scale)
         reference = runs["flash-attn 2"]().float()
         kv_bytes = 2 * (first_tokens + (seqs - 1) * tokens) * kv_heads * HEAD_DIM * 2
         lengths = f"{seqs} x {tokens}" if first_tokens == tokens else f"1 x {first_tokens} + {seqs - 1} x {tokens}"
@@ -87,7 +96,19 @@ def main():
     print("Steps with prompt tokens (bf16), as a CUDA graph of the step replays them, against flash-attn 2's varlen "
           "kernel run eagerly")
     for name, step in PROMPT_STEPS.items():
-        prompt_step(name, *step, paged_attention, flash_attn_varlen_func, baselines)
+        prompt_step(name, *step, paged_attention, flash_attn_varlen_func, baselines, fa3)
+
+
+def load_fa3(path: str):
+    """flash-attn 3's paged forward from vLLM's library at ``path``, called with core's paged_attention's tensors."""
+    torch.ops.load_library(path)
+    forward = torch.ops._vllm_fa3_C.fwd  # its schema: strings -n 20 SO_FILE | grep "^fwd("
+
+    def fa3(q, kv_cache, cu_seqlens_q, context_lens, block_tables, max_seqlen_q, max_seqlen_k, scale):
+        return forward(q, kv_cache[0], kv_cache[1], None, None, None, None, cu_seqlens_q, None, None, None,
+                       context_lens, max_seqlen_q, max_seqlen_k, block_tables, None, None, None, None, None, None,
+                       None, None, scale, True, -1, -1, 0.0, True, None, 0, None, 0, None, 1, 0, None)[0]
+    return fa3
 
 
 def _chunk_of_long_prompt(chunk: int, heads: int = 16) -> tuple:
@@ -109,7 +130,7 @@ PROMPT_STEPS = {
 
 
 def prompt_step(name: str, heads: int, kv_heads: int, q_lens: list[int], lens: list[int], paged_attention,
-                flash_attn_varlen_func, baselines: dict):
+                flash_attn_varlen_func, baselines: dict, fa3=None):
     """One step with prompt tokens: the Triton kernel's time against flash-attn 2's (and the baselines')."""
     blocks_per_seq = -(-max(lens) // PAGE)
     cache = torch.randn(2, len(lens) * blocks_per_seq, PAGE, kv_heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
@@ -134,6 +155,8 @@ def prompt_step(name: str, heads: int, kv_heads: int, q_lens: list[int], lens: l
             q_padded, cache, cu_padded, lens_padded, tables_padded, size, scale)[:len(q)]
     for stem, baseline in baselines.items():
         runs[stem] = lambda baseline=baseline: baseline(q, cache, cu_q, context_lens, tables, max_q, scale)
+    if fa3:
+        runs["flash-attn 3"] = lambda: fa3(q, cache, cu_q, context_lens, tables, max_q, max_k, scale)
     reference = runs["flash-attn 2"]().float()
     flops = 4 * heads * HEAD_DIM * sum(n * (k - n / 2) for n, k in zip(q_lens, lens))
     line = f"  {name}:"
