@@ -153,6 +153,9 @@ def prompt_step(name: str, heads: int, kv_heads: int, q_lens: list[int], lens: l
         tables_padded = torch.cat([tables, tables.new_zeros(seqs - len(lens), blocks_per_seq)])
         runs[f"ours padded to {size} tokens, {seqs} sequences"] = lambda: paged_attention(
             q_padded, cache, cu_padded, lens_padded, tables_padded, size, scale)[:len(q)]
+        if fa3:  # and the longest key range a graph for max_model_len=8192 would be captured with
+            runs["flash-attn 3 padded alike, up to 8,192 keys"] = lambda: fa3(
+                q_padded, cache, cu_padded, lens_padded, tables_padded, size, 8192, scale)[:len(q)]
     for stem, baseline in baselines.items():
         runs[stem] = lambda baseline=baseline: baseline(q, cache, cu_q, context_lens, tables, max_q, scale)
     if fa3:
