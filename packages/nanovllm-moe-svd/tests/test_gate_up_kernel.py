@@ -3,7 +3,8 @@ under TRITON_INTERPRET=1 on CPU (float32) and on a GPU (bf16, fp16)."""
 import pytest
 import torch
 
-CASES = [(1, 96, 12), (2, 300, 256), (32, 14336 // 64, 256), (257, 200, 40), (600, 96, 17)]  # rows, columns, rank
+# rows, columns, rank: decode-sized steps (the kernel) and larger ones (the matmuls it leaves to cuBLAS)
+CASES = [(1, 96, 12), (2, 300, 256), (32, 14336 // 64, 256), (20, 200, 40), (33, 96, 17), (600, 96, 17)]
 
 
 def check(device, dtype, rows, columns, rank, tol):
@@ -40,17 +41,17 @@ def test_gate_up_silu_interpreted_on_cpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gate_up_silu_on_the_gpu(dtype):
-    for case in CASES + [(16384, 14336 // 8, 256)]:  # and a prefill-sized step
+    for case in CASES:
         check("cuda", dtype, *case, tol=1e-2)
 
 
-@pytest.mark.parametrize("rows", [2, 32, 600], ids=["batch-1", "batch-16", "prefill"])
+@pytest.mark.parametrize("rows", [2, 32], ids=["batch-1", "batch-16"])
 def test_gate_up_silu_compiles_for_turing(rows):
     """fp16 on an RTX 2080 Ti: nothing sm80+, and each program within its 64 KiB of shared memory."""
     from nanovllm.testing.turing import CUDA, FP16, compile_for_turing, fits, on_turing
     from nanovllm_moe_svd import kernels
     with on_turing(kernels):
-        config = kernels.tile_config(rows, 256, CUDA)
+        config = kernels.tile_config(256, CUDA)
     values = dict(t_ptr=FP16, u_gate_ptr=FP16, u_up_ptr=FP16, out_ptr=FP16, M=rows, N=14336, R=256, stride_t=512,
                   stride_u=256, stride_out=14336, **{k: v for k, v in config.items() if k.isupper()})
     fits(compile_for_turing(kernels._gate_up_silu_kernel, values, config["num_warps"], config["num_stages"]))

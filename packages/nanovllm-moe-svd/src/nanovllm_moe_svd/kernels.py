@@ -1,11 +1,12 @@
-"""One Triton kernel for the gate and up bases and SiLU-and-multiply: ``silu(t_gate @ U_gate.T) * (t_up @ U_up.T)``.
-Three launches become one, and neither [pairs, I] product is written out: at decode a layer's bases are a few
-microseconds of reading, so the launches and round trips were most of their cost."""
+"""One Triton kernel for the gate and up bases and SiLU-and-multiply at decode: ``silu(t_gate @ U_gate.T) * (t_up @
+U_up.T)``. Three launches become one, and neither [pairs, I] product is written out: at decode a layer's bases are a
+few microseconds of reading, so the launches and round trips were most of their cost."""
 import torch
 import triton
 import triton.language as tl
 
 from nanovllm.kernels import shared_memory
+from nanovllm.layers.activation import silu_and_mul
 
 
 @triton.jit
@@ -32,26 +33,35 @@ def _gate_up_silu_kernel(t_ptr, u_gate_ptr, u_up_ptr, out_ptr, M, N, R, stride_t
              mask=(rows[:, None] < M) & (cols[None, :] < N))
 
 
-def tile_config(m: int, r: int, device: torch.device) -> dict:
-    """Decode (few rows): narrow column tiles over the whole rank, so some 200 programs each stream their slice of
-    both bases at once; prefill: square tiles to reuse each basis tile."""
-    block_m, block_n, block_k, warps = ((min(64, max(16, triton.next_power_of_2(m))), 64, 256, 4) if m <= 256
-                                        else (128, 128, 64, 8))
-    block_k = min(block_k, max(16, triton.next_power_of_2(r)))
+# Pairs (rows) up to which the kernel runs; above, cuBLAS's two matmuls and silu_and_mul are faster. On an H100, rank
+# 256, each call in a CUDA graph: 2 rows 13.5 against 17.1 us, 32 rows 13.7 against 19.3 us, 256 rows 30.8 (its best
+# tiles) against 24.9 us (benchmarks/RESULTS.md).
+FUSED_ROWS = 32
+
+
+def tile_config(r: int, device: torch.device) -> dict:
+    """Few rows: narrow column tiles over the rank in two steps, so some 450 programs each stream their slice of both
+    bases (the best of a sweep on an H100 at 2 and 32 rows); K tiles shrink to fit smaller GPUs' shared memory."""
+    block_m, block_n, block_k = 16, 32, min(128, max(16, triton.next_power_of_2(r)))
     if device.type != "cuda":  # Triton's CPU interpreter: warps and stages do not apply
         return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     shared = shared_memory(device)
     while block_k > 32 and 2 * 2 * (block_m + block_n) * block_k * 2 > shared:  # two products, two stages
         block_k //= 2
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps, num_stages=2)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=2)
 
 
 def gate_up_silu(t: torch.Tensor, u_gate: torch.Tensor, u_up: torch.Tensor) -> torch.Tensor:
     """t: [M, 2r] holding [t_gate, t_up]; u_gate, u_up: [N, r] contiguous. Returns silu(t_gate @ u_gate.T) *
     (t_up @ u_up.T): [M, N] in t's dtype."""
     m, r, n = t.shape[0], u_gate.shape[1], u_gate.shape[0]
+    if m > FUSED_ROWS:
+        gate_up = torch.empty(m, 2 * n, dtype=t.dtype, device=t.device)
+        torch.mm(t[:, :r], u_gate.t(), out=gate_up[:, :n])
+        torch.mm(t[:, r:], u_up.t(), out=gate_up[:, n:])
+        return silu_and_mul(gate_up)
     out = torch.empty(m, n, dtype=t.dtype, device=t.device)
-    config = tile_config(m, r, t.device)
+    config = tile_config(r, t.device)
     grid = (triton.cdiv(m, config["BLOCK_M"]), triton.cdiv(n, config["BLOCK_N"]))
     _gate_up_silu_kernel[grid](t, u_gate, u_up, out, m, n, r, t.stride(0), u_gate.stride(0), out.stride(0), **config)
     return out
