@@ -1,14 +1,12 @@
 """Throughput on upstream nano-vllm's bench.py workload, nanovllm beside upstream in one run.
 
     python tools/bench_throughput.py [--upstream PATH_TO_NANO_VLLM_CHECKOUT] [--baseline LABEL=PYTHONPATH]
-                                     [--model PATH] [--again] [--json FILE]
+                                     [--model PATH] [--json FILE]
 
 Each engine runs in its own process on the same checkpoint (Qwen3-0.6B or --shape, random weights, made
 locally unless --model is given) and the same workload: 256 sequences, input and output lengths
 uniform in 100..1024 from random.seed(0), temperature 0.6, ignore_eos. It prints both figures,
-their ratio, and the HBM-bandwidth lower bound for the workload on this GPU. The figures are each engine's first
-run after a one-prompt warm-up, as upstream's bench.py times it; --again times a second run in the same process
-too, so that what a first run pays once (compiling, allocating) shows as the difference.
+their ratio, and the HBM-bandwidth lower bound for the workload on this GPU.
 """
 import argparse
 import glob
@@ -33,9 +31,8 @@ def make_workload(num_seqs, input_len, output_len, seed=0):
     return prompts, max_tokens
 
 
-def run_engine(model, workload_file, options, again=False):
-    """In a child process: import whichever `nanovllm` is first on the path and time the workload (twice with
-    ``again``)."""
+def run_engine(model, workload_file, options):
+    """In a child process: import whichever `nanovllm` is first on the path and time the workload."""
     from nanovllm import LLM, SamplingParams
     with open(workload_file) as f:
         workload = json.load(f)
@@ -51,14 +48,10 @@ def run_engine(model, workload_file, options, again=False):
     seconds = time.perf_counter() - start
     tokens = sum(len(o["token_ids"]) for o in outputs)
     blocks = scheduler.block_manager
-    result = {"output_tokens": tokens, "seconds": seconds, "throughput": tokens / seconds,
-              "kv_cache_tokens": len(blocks.blocks) * blocks.block_size,
-              "preemptions": getattr(scheduler, "num_preemptions", 0) - before + len(preempted)}
-    if again:
-        start = time.perf_counter()
-        llm.generate(workload["prompts"], params, use_tqdm=False)
-        result["again_seconds"] = time.perf_counter() - start
-    print("RESULT " + json.dumps(result), flush=True)
+    print("RESULT " + json.dumps({"output_tokens": tokens, "seconds": seconds, "throughput": tokens / seconds,
+                                  "kv_cache_tokens": len(blocks.blocks) * blocks.block_size,
+                                  "preemptions": getattr(scheduler, "num_preemptions", 0) - before + len(preempted)}),
+          flush=True)
 
 
 def run_child(script: str, args: list[str], label: str, pythonpath: str | None = None) -> dict:
@@ -75,14 +68,12 @@ def run_child(script: str, args: list[str], label: str, pythonpath: str | None =
     return json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[len("RESULT "):])
 
 
-def child(label, model, workload_file, options, pythonpath=None, again=False):
+def child(label, model, workload_file, options, pythonpath=None):
     """One engine's run in its own process; prints its figures at once, so that a run cut short keeps them."""
     result = run_child(__file__, ["--run-engine", "--model", model, "--workload", workload_file,
-                                  "--options", json.dumps(options), *(["--again"] if again else [])],
-                       f"{label} engine run", pythonpath)
-    second = f", a second run {result['again_seconds']:.2f} s" if again else ""
+                                  "--options", json.dumps(options)], f"{label} engine run", pythonpath)
     print(f"{label:>14}: {result['output_tokens']} tok in {result['seconds']:.2f} s = {result['throughput']:.0f} tok/s "
-          f"(KV cache {result['kv_cache_tokens']:,} tokens, {result['preemptions']} preemptions{second})", flush=True)
+          f"(KV cache {result['kv_cache_tokens']:,} tokens, {result['preemptions']} preemptions)", flush=True)
     return result
 
 
@@ -126,15 +117,13 @@ def main():
                         help="also run nanovllm with this attention backend, PYTHONPATH prepended (fa1=/tmp/fa1)")
     parser.add_argument("--baseline", action="append", default=[], metavar="LABEL=PYTHONPATH",
                         help="also run another nanovllm source tree (e.g. an older commit's packages/*/src joined by :)")
-    parser.add_argument("--again", action="store_true",
-                        help="time each engine's workload a second time in the same process too")
     parser.add_argument("--json", help="write the summary here")
     parser.add_argument("--run-engine", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     parser.add_argument("--options", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_engine:
-        return run_engine(args.model, args.workload, json.loads(args.options), args.again)
+        return run_engine(args.model, args.workload, json.loads(args.options))
 
     import torch
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
@@ -155,24 +144,23 @@ def main():
             options["dtype"] = args.dtype
         summary = dict(device=gpu, num_seqs=args.num_seqs, expected_output_tokens=sum(max_tokens),
                        tensor_parallel_size=args.tensor_parallel_size)
-        summary["nanovllm"] = child("nanovllm", model, workload_file, options, again=args.again)
+        summary["nanovllm"] = child("nanovllm", model, workload_file, options)
         for backend in args.backend:
             name, _, path = backend.partition("=")
             label = f"nanovllm[{name}]"
             summary[label] = child(label, model, workload_file, {**options, "attention_backend": name},
-                                   pythonpath=path or None, again=args.again)
+                                   pythonpath=path or None)
         for tp in args.also_tp:
             label = f"nanovllm[tp={tp}]"
-            other = summary[label] = child(label, model, workload_file, {**options, "tensor_parallel_size": tp},
-                                           again=args.again)
+            other = summary[label] = child(label, model, workload_file, {**options, "tensor_parallel_size": tp})
             summary[f"ratio_to_tp={tp}"] = summary["nanovllm"]["throughput"] / other["throughput"]
         for baseline in args.baseline:
             label, _, path = baseline.partition("=")
-            summary[label] = child(label, model, workload_file, options, pythonpath=path, again=args.again)
+            summary[label] = child(label, model, workload_file, options, pythonpath=path)
             summary[f"ratio_to_{label}"] = summary["nanovllm"]["throughput"] / summary[label]["throughput"]
         if args.upstream:
             summary["upstream"] = child("upstream", model, workload_file, options,
-                                        pythonpath=os.path.abspath(args.upstream), again=args.again)
+                                        pythonpath=os.path.abspath(args.upstream))
             summary["ratio"] = summary["nanovllm"]["throughput"] / summary["upstream"]["throughput"]
         if torch.cuda.is_available():
             summary["hbm_bound"] = hbm_bound(model, prompts, max_tokens, gpu, args.tensor_parallel_size)
