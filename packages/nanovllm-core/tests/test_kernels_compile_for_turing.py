@@ -1,7 +1,7 @@
-"""Every core Triton kernel of the fp16 Turing path (the fa1 backend, the MoE layer, the svd expert manager's grouped
-matmuls) compiled for sm_75 on the CPU machine: ptxas takes the code (nothing sm80+) and each program fits the 64 KiB of shared
-memory an RTX 2080 Ti gives one. Compiling is not running: the kernels' results are tested under the
-interpreter here and on the GPU machine (which has no Turing card)."""
+"""Every core Triton kernel of the fp16 Turing path (the fa1 backend, the MoE layer, the svd expert manager's
+grouped matmuls) compiled for sm_75 on the CPU machine: ptxas takes the code (nothing sm80+) and each program fits
+the 64 KiB of shared memory an RTX 2080 Ti gives one. Compiling is not running: the kernels' results are tested
+under the interpreter here and on the GPU machine (which has no Turing card)."""
 import pytest
 import triton
 

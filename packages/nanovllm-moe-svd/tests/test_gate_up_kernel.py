@@ -18,6 +18,8 @@ def check(device, dtype, rows, columns, rank, tol):
     assert got.shape == expected.shape and got.dtype == dtype
     error = ((got.float() - expected.float()).norm() / expected.float().norm()).item()
     assert error < tol, (rows, columns, rank, error)
+    if dtype != torch.float32:  # rounded where the matmuls and silu_and_mul round: a few units in the last place
+        torch.testing.assert_close(got, expected, rtol=2 ** -6, atol=2 ** -8)
 
 
 def check_interpreted():
@@ -45,13 +47,11 @@ def test_gate_up_silu_on_the_gpu(dtype):
         check("cuda", dtype, *case, tol=1e-2)
 
 
-@pytest.mark.parametrize("rows", [2, 32], ids=["batch-1", "batch-16"])
-def test_gate_up_silu_compiles_for_turing(rows):
-    """fp16 on an RTX 2080 Ti: nothing sm80+, and each program within its 64 KiB of shared memory."""
-    from nanovllm.testing.turing import CUDA, FP16, compile_for_turing, fits, on_turing
+def test_gate_up_silu_compiles_for_turing():
+    """fp16 on an RTX 2080 Ti: nothing sm80+, and the program within its 64 KiB of shared memory."""
+    from nanovllm.testing.turing import CUDA, FP16, compile_for_turing, fits
     from nanovllm_moe_svd import kernels
-    with on_turing(kernels):
-        config = kernels.tile_config(256, CUDA)
-    values = dict(t_ptr=FP16, u_gate_ptr=FP16, u_up_ptr=FP16, out_ptr=FP16, M=rows, N=14336, R=256, stride_t=512,
+    config = kernels.tile_config(256, CUDA)
+    values = dict(t_ptr=FP16, u_gate_ptr=FP16, u_up_ptr=FP16, out_ptr=FP16, M=2, N=14336, R=256, stride_t=512,
                   stride_u=256, stride_out=14336, **{k: v for k, v in config.items() if k.isupper()})
     fits(compile_for_turing(kernels._gate_up_silu_kernel, values, config["num_warps"], config["num_stages"]))

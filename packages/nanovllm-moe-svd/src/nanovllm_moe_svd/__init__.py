@@ -110,8 +110,8 @@ class SVDExperts(nanovllm.ExpertManager):
 
     def grouped_forward(self, x, topk_weights, topk_ids):
         """Both small factors by core's grouped Triton matmul over the pairs sorted by expert; the gate and up bases
-        with SiLU-and-multiply in one kernel; the down basis, one dense matmul, after each token's pairs are summed
-        (it is linear). No host sync."""
+        with SiLU-and-multiply in one kernel at decode; the down basis, one dense matmul, after each token's pairs are
+        summed (it is linear). No host sync."""
         from nanovllm.kernels.grouped_moe import (block_m_for, grouped_matmul, sort_pairs_by_expert, split_k_for,
                                                   sum_pair_rows)
         from nanovllm_moe_svd.kernels import gate_up_silu
