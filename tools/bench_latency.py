@@ -35,9 +35,9 @@ SETTINGS = {"short alone": (dict(enable_chunked_prefill=True, max_num_batched_to
             **{f"chunked on, prompts capped at {cap}": (dict(enable_chunked_prefill=True, max_num_batched_tokens=2048,
                                                               long_prefill_token_threshold=cap), True)
                for cap in (256, 128, 64)},
-            "chunked on, 256 tokens/step, prompts capped at 128": (
+            **{f"chunked on, 256 tokens/step, prompts capped at {cap}": (
                 dict(enable_chunked_prefill=True, max_num_batched_tokens=256, max_num_seqs=256,
-                     long_prefill_token_threshold=128), True),
+                     long_prefill_token_threshold=cap), True) for cap in (128, 64)},
             "chunked on, 128 tokens/step, prompts capped at 128": (
                 dict(enable_chunked_prefill=True, max_num_batched_tokens=128, max_num_seqs=128,
                      long_prefill_token_threshold=128), True),
@@ -72,7 +72,8 @@ class StepLog:
 
 
 def run_schedule(llm, with_long: bool, log: StepLog | None = None, seed: int = 0):
-    """Feed the arrivals on their wall-clock schedule; TTFT and ITL of the short requests, in seconds."""
+    """Feed the arrivals on their wall-clock schedule; TTFT and ITL of the short requests and TTFT of the long ones
+    (what a smaller chunk a step costs them), in seconds."""
     from nanovllm import SamplingParams
     pending = arrivals(with_long, seed)
     tracked = []  # (seq, arrival time, is_short, [(token time, engine step it came with)])
@@ -95,10 +96,11 @@ def run_schedule(llm, with_long: bool, log: StepLog | None = None, seed: int = 0
             times.extend([(now, step_index)] * (seq.num_completion_tokens - len(times)))
         step_index += 1
     ttft = [times[0][0] - at for _, at, short, times in tracked if short]
+    long_ttft = [times[0][0] - at for _, at, short, times in tracked if not short]
     # each gap between a short request's tokens, with the engine steps it spans
     itl = [(b - a, b_step - a_step) for _, _, short, times in tracked if short
            for (a, a_step), (b, b_step) in zip(times, times[1:])]
-    return ttft, itl
+    return ttft, itl, long_ttft
 
 
 def measure(model, options, with_long, repeats):
@@ -110,15 +112,17 @@ def measure(model, options, with_long, repeats):
     graphs_before = counters["stats"]["unique_graphs"]
     runs, log, slow_gaps, pauses = [], StepLog(llm), [], GCPauses()
     for run in range(1, repeats + 1):  # new prompts each run: none comes from the prefix cache
-        ttft, itl = run_schedule(llm, with_long, log, seed=run)
+        ttft, itl, long_ttft = run_schedule(llm, with_long, log, seed=run)
         gaps = np.array([gap for gap, _ in itl])
-        runs.append([np.percentile(ttft, 50), np.percentile(ttft, 99), np.percentile(gaps, 50), np.percentile(gaps, 99)])
+        runs.append([np.percentile(ttft, 50), np.percentile(ttft, 99), np.percentile(gaps, 50), np.percentile(gaps, 99),
+                     np.percentile(long_ttft, 50) if long_ttft else np.nan])
         slow_gaps += [num_steps for gap, num_steps in itl if gap >= runs[-1][3]]
     pauses.stop()
     gpu_ms = log.gpu_ms()
     llm.exit()
     medians = np.median(np.array(runs) * 1000, axis=0)
-    return dict(zip(["ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms"], map(float, medians)),
+    return dict(zip(["ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "long_ttft_p50_ms"],
+                    map(float, medians)),
                 runs_ms=(np.array(runs) * 1000).round(1).tolist(),
                 new_compiled_graphs=counters["stats"]["unique_graphs"] - graphs_before,
                 # how many engine steps each ITL at or above its run's p99 spanned: 1 is one slow step
@@ -166,7 +170,8 @@ def step_profile(steps: list[tuple], gpu_ms: list[float]) -> dict:
 def print_result(name: str, r: dict):
     print(f"{name:>33} ({SETTINGS[name][0]['max_num_batched_tokens']} tokens/step): TTFT p50 "
           f"{r['ttft_p50_ms']:.1f} ms, p99 {r['ttft_p99_ms']:.1f} ms; ITL p50 {r['itl_p50_ms']:.1f} ms, "
-          f"p99 {r['itl_p99_ms']:.1f} ms; graphs compiled in timed runs: {r['new_compiled_graphs']}")
+          f"p99 {r['itl_p99_ms']:.1f} ms; long prompts' TTFT p50 {r['long_ttft_p50_ms']:.0f} ms; graphs compiled "
+          f"in timed runs: {r['new_compiled_graphs']}")
     print(f"{'':>33}ITLs at or above p99, by engine steps spanned: {r['slow_itl_steps']}; GC pauses: "
           f"{r['gc_pauses']}")
     for kind, p in r["steps"].items():

@@ -27,6 +27,7 @@ import torch
 from triton.testing import do_bench
 
 from nanovllm.engine.cuda_graphs import MIXED_SIZES
+from nanovllm.kernels.prompt_work import prompt_work
 
 # (query heads, KV heads, sequences, tokens of the first sequence, tokens of each other sequence)
 SHAPES = [(16, 8, 1, 4096, 4096), (16, 8, 4, 4096, 4096), (16, 8, 16, 2048, 2048), (32, 8, 1, 8192, 8192),
@@ -87,7 +88,7 @@ def main():
         reference = runs["flash-attn 2"]().float()
         kv_bytes = 2 * (first_tokens + (seqs - 1) * tokens) * kv_heads * HEAD_DIM * 2
         lengths = f"{seqs} x {tokens}" if first_tokens == tokens else f"1 x {first_tokens} + {seqs - 1} x {tokens}"
-        line = f"{heads}/{kv_heads} heads, {lengths} tokens ({key_splits(seqs, kv_heads, True, q.device)} splits):"
+        line = f"{heads}/{kv_heads} heads, {lengths} tokens ({key_splits(seqs, kv_heads, q.device)} splits):"
         for name, run in runs.items():
             error = (run().float() - reference).abs().max().item()
             ms = do_bench(in_graph(run))
@@ -118,7 +119,7 @@ def _chunk_of_long_prompt(chunk: int, heads: int = 16) -> tuple:
 # name: (query heads, KV heads, query tokens of each sequence, keys of each sequence)
 PROMPT_STEPS = {
     **{f"chunk {chunk:,} ending a 7,000-token prompt + 16 decodes over 256 (16/8 heads)": _chunk_of_long_prompt(chunk)
-       for chunk in (64, 256, 1024, 2048)},
+       for chunk in (64, 128, 256, 1024, 2048)},
     "chunk 128 ending a 7,000-token prompt + 16 decodes over 256 (32/8 heads)": _chunk_of_long_prompt(128, 32),
     "chunk 2,032 ending a 7,000-token prompt + 16 decodes over 256 (32/8 heads)": _chunk_of_long_prompt(2032, 32),
     "a 1,024-token prompt + 64 decodes over 600 (16/8 heads)": (16, 8, [1024] + [1] * 64, [1024] + [600] * 64),
@@ -141,7 +142,8 @@ def prompt_step(name: str, heads: int, kv_heads: int, q_lens: list[int], lens: l
     context_lens = cu_k.diff().int()
     scale = HEAD_DIM ** -0.5
     max_q, max_k = max(q_lens), max(lens)
-    runs = {"ours": lambda: paged_attention(q, cache, cu_q, context_lens, tables, max_q, scale),
+    work = prompt_work(q_lens, lens, heads, kv_heads, q.device)  # as the engine plans it, on the host
+    runs = {"ours": lambda: paged_attention(q, cache, cu_q, context_lens, tables, max_q, scale, work=work),
             "flash-attn 2": lambda: flash_attn_varlen_func(q, cache[0], cache[1], cu_q, cu_k, max_q, max_k,
                                                            softmax_scale=scale, causal=True, block_table=tables)}
     size = next((size for size in MIXED_SIZES if size >= len(q)), None)
@@ -152,7 +154,7 @@ def prompt_step(name: str, heads: int, kv_heads: int, q_lens: list[int], lens: l
         lens_padded = torch.cat([context_lens, context_lens.new_zeros(seqs - len(lens))])
         tables_padded = torch.cat([tables, tables.new_zeros(seqs - len(lens), blocks_per_seq)])
         runs[f"ours padded to {size} tokens, {seqs} sequences"] = lambda: paged_attention(
-            q_padded, cache, cu_padded, lens_padded, tables_padded, size, scale)[:len(q)]
+            q_padded, cache, cu_padded, lens_padded, tables_padded, size, scale, work=work)[:len(q)]
         if fa3:  # and the longest key range a graph for max_model_len=8192 would be captured with
             runs["flash-attn 3 padded alike, up to 8,192 keys"] = lambda: fa3(
                 q_padded, cache, cu_padded, lens_padded, tables_padded, size, 8192, scale)[:len(q)]

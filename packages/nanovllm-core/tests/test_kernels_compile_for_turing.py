@@ -16,24 +16,31 @@ ATTENTION_CASES = [(128, 16, 8, 256), (128, 32, 8, 256), (64, 14, 2, 256), (80, 
 @pytest.mark.parametrize("head_dim, heads, kv_heads, page", ATTENTION_CASES)
 def test_paged_attention_compiles_for_turing(head_dim, heads, kv_heads, page, decode):
     group = heads // kv_heads
-    block_m = max(16 if decode else 64, triton.next_power_of_2(group))
+    block_m = max(16 if decode else paged_attention.PROMPT_TILE_ROWS, triton.next_power_of_2(group))
     block_d = max(16, triton.next_power_of_2(head_dim))
     with on_turing(paged_attention):
         config = paged_attention.tile_config(block_m, block_d, decode, CUDA)
-    for splits in (1, 4):
-        values = dict(q_ptr=FP16, k_cache_ptr=FP16, v_cache_ptr=FP16, out_ptr=FP16, partial_ptr=FP32, lse_ptr=FP32,
-                      cu_seqlens_q_ptr=INT32, context_lens_ptr=INT32, block_tables_ptr=INT32,
-                      q_stride_t=heads * head_dim, q_stride_h=head_dim, o_stride_t=heads * head_dim,
-                      o_stride_h=head_dim, block_table_stride=16, num_tokens=1 if decode else 5, num_heads=heads,
-                      num_seqs=1 if decode else 3, scale_log2=0.1, NUM_KV_HEADS=kv_heads, GROUP=group,
-                      HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page, BLOCK_M=block_m, SPLITS=splits,
-                      MIN_SPLIT_KEYS=paged_attention.MIN_SPLIT_KEYS, DECODE=decode, BLOCK_N=config["BLOCK_N"])
-        fits(compile_for_turing(paged_attention._paged_attention_kernel, values,
-                                num_stages=config.get("num_stages", 2)))
-    fits(compile_for_turing(paged_attention._combine_splits_kernel, dict(
-        partial_ptr=FP32, lse_ptr=FP32, out_ptr=FP16, cu_seqlens_q_ptr=INT32, num_seqs=3, num_tokens=5,
-        num_heads=heads, o_stride_t=heads * head_dim, o_stride_h=head_dim, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        SPLITS=4, BLOCK_S=4)))
+    values = dict(q_ptr=FP16, k_cache_ptr=FP16, v_cache_ptr=FP16, out_ptr=FP16, partial_ptr=FP32, lse_ptr=FP32,
+                  context_lens_ptr=INT32, block_tables_ptr=INT32, q_stride_t=heads * head_dim, q_stride_h=head_dim,
+                  o_stride_t=heads * head_dim, o_stride_h=head_dim, block_table_stride=16, scale_log2=0.1,
+                  NUM_KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page, BLOCK_M=block_m,
+                  BLOCK_N=config["BLOCK_N"])
+    stages = config.get("num_stages", 2)
+    if decode:
+        for splits in (1, 4):
+            fits(compile_for_turing(paged_attention._decode_kernel, dict(
+                values, num_seqs=3, num_heads=heads, SPLITS=splits, MIN_SPLIT_KEYS=paged_attention.MIN_SPLIT_KEYS),
+                num_stages=stages))
+        fits(compile_for_turing(paged_attention._combine_splits_kernel, dict(
+            partial_ptr=FP32, lse_ptr=FP32, out_ptr=FP16, num_seqs=3, num_heads=heads, o_stride_t=heads * head_dim,
+            o_stride_h=head_dim, HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS=4, BLOCK_S=4)))
+    else:
+        fits(compile_for_turing(paged_attention._prompt_kernel, dict(values, items_ptr=INT32, cu_seqlens_q_ptr=INT32),
+                                num_stages=stages))
+        fits(compile_for_turing(paged_attention._combine_tiles_kernel, dict(
+            partial_ptr=FP32, lse_ptr=FP32, out_ptr=FP16, combines_ptr=INT32, cu_seqlens_q_ptr=INT32,
+            o_stride_t=heads * head_dim, o_stride_h=head_dim, NUM_KV_HEADS=kv_heads, GROUP=group, HEAD_DIM=head_dim,
+            BLOCK_D=block_d, BLOCK_M=block_m)))
 
 
 @pytest.mark.parametrize("norm", [True, False], ids=["qk-norms", "rotary-only"])

@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nanovllm.kernels.prompt_work import KEY_TILE, prompt_work
+
 CASES = {
     "prefill": [(0, 1), (0, 16), (0, 37)],
     "prefix-cached prefill": [(16, 5), (24, 20), (8, 1)],
@@ -28,10 +30,11 @@ def reference(q, k, v, scale):
 
 
 def check(module, seqs, device, dtype, head_dim=16, num_heads=4, num_kv_heads=2, page=8, tol=2e-3, splits=None,
-          padding=None):
+          padding=None, programs=None):
     """seqs: (cached tokens, new tokens) per sequence; K/V of all tokens already in a shuffled paged cache.
     ``padding`` (tokens, sequences, max_seqlen_q): laid out as a CUDA graph of a larger step replays it, with
-    padding tokens after the real ones, empty sequences after the real ones and an upper bound for max_seqlen_q."""
+    padding tokens after the real ones, empty sequences after the real ones and an upper bound for max_seqlen_q.
+    ``programs``: prompt tokens planned for that many programs a KV head, in splits of one key tile or more."""
     torch.manual_seed(0)
     scale = head_dim ** -0.5
     max_blocks = max(-(-(c + n) // page) for c, n in seqs)
@@ -60,7 +63,12 @@ def check(module, seqs, device, dtype, head_dim=16, num_heads=4, num_kv_heads=2,
         cu_q = torch.cat([cu_q, cu_q[-1:].repeat(extra_seqs)])
         context_lens = torch.cat([context_lens, context_lens.new_zeros(extra_seqs)])
         tables = torch.cat([tables, tables.new_zeros(extra_seqs, tables.size(1))])
-    out = module.paged_attention(q, kv_cache, cu_q, context_lens, tables, max_q, scale, splits)
+    work = None
+    if programs is not None:
+        work = prompt_work(cu_q.diff().cpu().numpy(), context_lens.cpu().numpy(), num_heads, num_kv_heads,
+                           q.device, programs, KEY_TILE)
+        assert (work.combines[0, 0] > 0).item(), "no tile's keys were split"
+    out = module.paged_attention(q, kv_cache, cu_q, context_lens, tables, max_q, scale, splits, work)
     out = out[:sum(n for _, n in seqs)]
     error = (out.float() - torch.cat(expected)).abs().max().item()
     assert error < tol, f"max error {error}"
@@ -93,29 +101,43 @@ def check_interpreted():
             check(paged_attention, CASES["decode"] + [(200, 1), (1700, 1)], "cpu", torch.float32, splits=splits)
         except AssertionError as exc:
             raise AssertionError(f"decode in {splits} splits: {exc}") from None
-    # prompt tokens with the keys split: rows of a tile that see none of a split's keys weigh nothing
-    for splits in (3, 16):
+    # prompt tokens with the keys split: rows of a tile that see none of a split's keys weigh nothing; more
+    # programs than items, and fewer
+    for programs in (8, 16, 64):
         try:
-            check(paged_attention, [(1000, 40), (500, 40), (0, 64), (30, 1)], "cpu", torch.float32, splits=splits)
+            check(paged_attention, [(1000, 40), (500, 40), (0, 64), (30, 1)], "cpu", torch.float32,
+                  programs=programs)
         except AssertionError as exc:
-            raise AssertionError(f"prompt chunks in {splits} splits: {exc}") from None
+            raise AssertionError(f"prompt chunks planned for {programs} programs: {exc}") from None
     for splits in (1, 4):
         check_padding_rows(paged_attention, "cpu", torch.float32, splits)
     for page in (64, 128):  # pages that hold whole key tiles: one block id per tile
         try:
             check(paged_attention, [(1000, 40), (500, 40), (0, 64), (30, 1), (300, 1)], "cpu", torch.float32,
-                  page=page, splits=3)
+                  page=page, programs=8)
             check(paged_attention, CASES["decode"] + [(200, 1), (1700, 1)], "cpu", torch.float32, page=page)
         except AssertionError as exc:
             raise AssertionError(f"pages of {page}: {exc}") from None
+    tile_config = paged_attention.tile_config
+    for block_n in (16, 32):  # the key tiles of a Turing GPU, within a page and across pages
+        paged_attention.tile_config = lambda *args, block_n=block_n: dict(BLOCK_N=block_n)
+        try:
+            for page in (8, 16, 64):
+                check(paged_attention, [(1000, 40), (500, 40), (0, 64), (30, 1)], "cpu", torch.float32, page=page,
+                      programs=8)
+                check(paged_attention, CASES["decode"] + [(700, 1)], "cpu", torch.float32, page=page, splits=3)
+        except AssertionError as exc:
+            raise AssertionError(f"key tiles of {block_n}: {exc}") from None
+        finally:
+            paged_attention.tile_config = tile_config
     for case in ("mixed", "prefix-cached prefill", "decode"):  # as a captured step of 128 tokens and 9 sequences
         seqs = CASES[case]
         check(paged_attention, seqs, "cpu", torch.float32, num_heads=8, num_kv_heads=2,
               padding=(128 - sum(n for _, n in seqs), 9 - len(seqs), 128))
     real = paged_attention.paged_attention  # and the check fails when the kernel reads the wrong blocks
 
-    def shifted_tables(q, kv_cache, cu_q, context_lens, tables, max_q, scale, splits):
-        return real(q, kv_cache, cu_q, context_lens, tables.roll(1, dims=1), max_q, scale, splits)
+    def shifted_tables(q, kv_cache, cu_q, context_lens, tables, max_q, scale, splits, work):
+        return real(q, kv_cache, cu_q, context_lens, tables.roll(1, dims=1), max_q, scale, splits, work)
     paged_attention.paged_attention = shifted_tables
     with pytest.raises(AssertionError, match="max error"):
         check(paged_attention, CASES["prefix-cached prefill"], "cpu", torch.float32)
@@ -134,13 +156,23 @@ def test_paged_attention_interpreted_on_cpu():
 def test_paged_attention_splits_on_gpu_fp16(splits):
     """Decode with the keys split: by default a batch this small gets splits."""
     from nanovllm.kernels import paged_attention
-    assert paged_attention.key_splits(5, 2, True, torch.device("cuda")) > 1
+    assert paged_attention.key_splits(5, 2, torch.device("cuda")) > 1
     check(paged_attention, CASES["decode"] + [(700, 1)], "cuda", torch.float16, head_dim=128, num_heads=8,
           page=16, tol=2e-2, splits=splits)
     # pages holding whole key tiles, 20 of them: block ids are read 16 pages at a time
     check(paged_attention, CASES["decode"] + [(5000, 1)], "cuda", torch.float16, head_dim=128, num_heads=8,
           page=256, tol=2e-2, splits=splits)
     check_padding_rows(paged_attention, "cuda", torch.float16, splits)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("programs", [None, 16, 300])
+def test_paged_attention_prompt_splits_on_gpu(programs):
+    """A chunk ending a long prompt beside decodes, its keys split as planned: by default (in paged_attention), and
+    for fewer and more programs than the step has items, in splits of one key tile or more."""
+    from nanovllm.kernels import paged_attention
+    check(paged_attention, [(6900, 100), (255, 1), (20, 1), (3000, 30)], "cuda", torch.bfloat16, head_dim=128,
+          num_heads=16, num_kv_heads=8, page=256, tol=5e-2, programs=programs)
 
 
 @pytest.mark.gpu

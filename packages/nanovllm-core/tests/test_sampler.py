@@ -1,7 +1,6 @@
 """Top-k / top-p filtering and the Sampler (greedy rows, temperature, seeded generators)."""
 import math
 
-import pytest
 import torch
 
 from nanovllm.layers.sampler import Sampler, apply_top_k_top_p

@@ -44,7 +44,7 @@ class FlashAttention1(nanovllm.AttentionBackend):
                                   context.cu_seqlens_q, context.cu_seqlens_q, context.max_seqlen_q,
                                   context.max_seqlen_q, 0.0, softmax_scale=self.scale, causal=True)
         return self._paged(q, kv_cache, context.cu_seqlens_q, context.context_lens, context.block_tables,
-                           context.max_seqlen_q, self.scale)
+                           context.max_seqlen_q, self.scale, work=context.prompt_work)
 
 
 @nanovllm.hookimpl

@@ -44,7 +44,7 @@ class FlashAttention2(nanovllm.AttentionBackend):
                                 context.max_seqlen_q, softmax_scale=self.scale, causal=True)
         if context.is_decode or context.captured:
             return self._paged(q, kv_cache, context.cu_seqlens_q, context.context_lens, context.block_tables,
-                               context.max_seqlen_q, self.scale)
+                               context.max_seqlen_q, self.scale, work=context.prompt_work)
         return self._varlen(q, kv_cache[0], kv_cache[1], context.cu_seqlens_q, context.cu_seqlens_k,
                             context.max_seqlen_q, context.max_seqlen_k, softmax_scale=self.scale, causal=True,
                             block_table=context.block_tables)

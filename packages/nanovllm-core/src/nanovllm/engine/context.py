@@ -4,6 +4,7 @@ from dataclasses import dataclass
 import torch
 
 from nanovllm.engine.kv_compaction import KVCompaction
+from nanovllm.kernels.prompt_work import PromptWork
 
 
 @dataclass
@@ -24,6 +25,9 @@ class Context:
     is_decode: bool  # every sequence has exactly one query token
     is_fresh_prefill: bool = False  # every sequence starts at position 0: its keys are this step's tokens
     compaction: KVCompaction | None = None  # prompts completing in this step whose KV a retention policy thins
+    # how core's paged-attention kernel deals a step's prompt tokens to its programs, planned on the host (CUDA
+    # steps with prompt tokens over cached keys)
+    prompt_work: PromptWork | None = None
     # replayed from a CUDA graph: attention must launch a grid fixed by the tensors' shapes (the lengths change
     # between replays). max_seqlen_q and max_seqlen_k are upper bounds, tokens and sequences past the step's are
     # padding (no slot; no keys), cu_seqlens_k is not the keys' offsets (context_lens is)

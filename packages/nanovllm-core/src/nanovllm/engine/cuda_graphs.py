@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from nanovllm.engine.context import Context, set_context
+from nanovllm.kernels.prompt_work import PromptWork, item_capacity, plan, programs_per_kv_head, with_counts
 
 # Token counts of the captured steps with prompt tokens; larger steps run eagerly (their GPU time dwarfs the CPU's
 # launching of their kernels).
@@ -16,8 +17,10 @@ MAX_SEQS = 512  # sequences a graph holds at most; steps with more run eagerly
 
 class CudaGraphs:
     def __init__(self, model: torch.nn.Module, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-                 block_size: int, hidden_size: int, dtype: torch.dtype, device: torch.device):
+                 block_size: int, hidden_size: int, num_heads: int, num_kv_heads: int, dtype: torch.dtype,
+                 device: torch.device):
         self.model = model
+        self.group = num_heads // num_kv_heads
         self.max_seqs = min(max_num_seqs, MAX_SEQS)
         self.decode_sizes = sorted({1, 2, 4, 8, *range(16, self.max_seqs + 1, 16), self.max_seqs})
         self.mixed_sizes = [size for size in MIXED_SIZES if size <= max_num_batched_tokens]
@@ -34,6 +37,9 @@ class CudaGraphs:
         self.context_lens = zeros(self.max_seqs, dtype=torch.int32)
         self.block_tables = zeros(self.max_seqs, max_blocks, dtype=torch.int32)
         self.hidden = zeros(max_tokens, hidden_size, dtype=dtype)
+        self.programs = programs_per_kv_head(num_kv_heads, device)
+        self.prompt_work = PromptWork(zeros(item_capacity(max_tokens, self.programs) + 1, 5, dtype=torch.int32),
+                                      zeros(self.programs + 1, 4, dtype=torch.int32))
         self.decode: dict[int, torch.cuda.CUDAGraph] = {}
         self.mixed: dict[int, torch.cuda.CUDAGraph] = {}
         pool = None
@@ -48,7 +54,8 @@ class CudaGraphs:
         num_seqs = num_tokens if decode else min(num_tokens, self.max_seqs)
         cu = (self.decode_cu_seqlens if decode else self.cu_seqlens_q)[:num_seqs + 1]
         return Context(cu, cu, 1 if decode else num_tokens, self.max_model_len, self.slot_mapping[:num_tokens],
-                       self.context_lens[:num_seqs], self.block_tables[:num_seqs], decode, captured=True)
+                       self.context_lens[:num_seqs], self.block_tables[:num_seqs], decode, captured=True,
+                       prompt_work=None if decode else self.prompt_work)
 
     def _capture(self, num_tokens: int, decode: bool, pool) -> torch.cuda.CUDAGraph:
         """A step of ``num_tokens`` with the buffers as they are: no query tokens in any sequence (the
@@ -87,6 +94,10 @@ class CudaGraphs:
             cu = np.full(graph_seqs + 1, num_tokens, dtype=np.int32)
             cu[:num_seqs + 1] = cu_seqlens_q
             self.cu_seqlens_q[:graph_seqs + 1].copy_(staged("cu_seqlens_q", cu), non_blocking=True)
+            items, combines = plan(np.diff(cu_seqlens_q), context_lens[:num_seqs], self.group, self.programs)
+            for name, rows, buffer in (("items", items, self.prompt_work.items),
+                                       ("combines", combines, self.prompt_work.combines)):
+                buffer[:len(rows) + 1].copy_(staged(name, with_counts(rows, len(rows))), non_blocking=True)
         self.block_tables[:num_seqs, :block_tables.shape[1]].copy_(staged("block_tables", block_tables),
                                                                   non_blocking=True)
         (self.decode if decode else self.mixed)[size].replay()

@@ -17,6 +17,7 @@ from nanovllm.engine.cuda_graphs import CudaGraphs
 from nanovllm.engine.kv_compaction import KVCompaction
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.expert_manager import select_expert_manager
+from nanovllm.kernels.prompt_work import PromptWork, plan, programs_per_kv_head, with_counts
 from nanovllm.kv_retention import select_kv_retention_policy
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.sampler import LogitsAdjustments, Sampler
@@ -254,9 +255,10 @@ class ModelRunner:
         graphs_safe = backend_cls.cuda_graphs and all(m.cuda_graphs for m in expert_managers)
         if platform.device_type == "cuda" and not config.enforce_eager and graphs_safe:
             with torch.inference_mode():
+                layer = self.attention_layers[0]
                 self.graphs = CudaGraphs(self.model, config.max_num_seqs, config.max_num_batched_tokens,
-                                         config.max_model_len, self.block_size, config.hf_config.hidden_size, dtype,
-                                         self.device)
+                                         config.max_model_len, self.block_size, config.hf_config.hidden_size,
+                                         layer.num_heads, layer.num_kv_heads, dtype, self.device)
         if platform.device_type == "cuda":
             self._warmup_sampler()
         if config.seed is not None:  # after the warm-ups: the first request sees the seeded state
@@ -368,19 +370,30 @@ class ModelRunner:
         if hidden is None:
             seqlens_k = np.diff(inputs.cu_seqlens_k)
             cu_seqlens_k = to_device("cu_seqlens_k")
+            fresh_prefill = bool((inputs.cu_seqlens_q == inputs.cu_seqlens_k).all())
+            work = None
+            if self.device.type == "cuda" and not (inputs.is_decode or fresh_prefill):
+                work = self._prompt_work(np.diff(inputs.cu_seqlens_q), seqlens_k)
             set_context(Context(
                 cu_seqlens_q=to_device("cu_seqlens_q"), cu_seqlens_k=cu_seqlens_k,
                 max_seqlen_q=int(np.diff(inputs.cu_seqlens_q).max()), max_seqlen_k=int(seqlens_k.max()),
                 slot_mapping=to_device("slot_mapping"), context_lens=cu_seqlens_k.diff(),
                 block_tables=to_device("block_tables"), is_decode=inputs.is_decode,
-                is_fresh_prefill=bool((inputs.cu_seqlens_q == inputs.cu_seqlens_k).all()),
-                compaction=self._compaction(inputs)))
+                is_fresh_prefill=fresh_prefill, compaction=self._compaction(inputs), prompt_work=work))
             try:
                 hidden = self.model(input_ids, to_device("positions"))
             finally:
                 set_context(None)
         return (self.model.compute_logits(hidden[to_device("logits_indices")]),
                 self._prompt_logprobs(hidden, inputs.prompt_logprobs))
+
+    def _prompt_work(self, q_lens: np.ndarray, k_lens: np.ndarray) -> PromptWork:
+        """The step's prompt tokens planned for core's paged-attention kernel, staged like its other inputs."""
+        layer = self.attention_layers[0]
+        programs = programs_per_kv_head(layer.num_kv_heads, self.device)
+        items, combines = plan(q_lens, k_lens, layer.num_heads // layer.num_kv_heads, programs)
+        return PromptWork(self._to_device("work_items", with_counts(items, len(items))),
+                          self._to_device("work_combines", with_counts(combines, programs)))
 
     def _prompt_logprobs(self, hidden: torch.Tensor, asked: PromptLogprobInputs | None) -> torch.Tensor | None:
         """Rank 0's packed log-probabilities of the asked positions' next prompt tokens, a slice of rows at a time."""

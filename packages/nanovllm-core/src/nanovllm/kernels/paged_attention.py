@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels import multiprocessors, shared_memory
+from nanovllm.kernels.prompt_work import KEY_TILE, MIN_SPLIT_KEYS, PROMPT_TILE_ROWS, PromptWork, prompt_work
 
 
 @triton.jit
@@ -69,157 +70,163 @@ def _attend_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr, s
 
 
 @triton.jit
-def _attend_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, cu_seqlens_q_ptr, context_lens_ptr,
-                 block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h, block_table_stride, num_tokens,
-                 num_heads, scale_log2, seq, first, kv_head, split, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, MIN_SPLIT_KEYS: tl.constexpr):
-    """Sequence ``seq``'s query tokens from ``first`` (a tile of them) for one KV head over one split of the keys.
-    A tile's rows are its tokens times the GROUP query heads that share the KV head, so each K/V tile is read
-    once for all of them. With SPLITS > 1 it writes the split's output and log-sum-exp for
-    _combine_splits_kernel."""
+def _attend_tile(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, q_stride_t, q_stride_h, block_table_stride,
+                 scale_log2, seq, q_start, q_len, first, k_len, kv_head, lo, hi, NUM_KV_HEADS: tl.constexpr,
+                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sequence ``seq``'s query tokens from ``first`` (a tile of them) for one KV head over its keys lo..hi (lo a
+    multiple of BLOCK_N). A tile's rows are its tokens times the GROUP query heads that share the KV head, so each
+    K/V tile is read once for all of them. Returns the rows' outputs, their log-sum-exp (-inf for a row that saw
+    no key: its output is zeros, not 0 / 0), and each row's token, head and whether it is one."""
     TOKENS: tl.constexpr = BLOCK_M // GROUP
-    q_start = tl.load(cu_seqlens_q_ptr + seq)
-    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
-    if first < q_len:
-        k_len = tl.load(context_lens_ptr + seq)
-        rows = tl.arange(0, BLOCK_M)
-        token = first + rows // GROUP
-        head = kv_head * GROUP + rows % GROUP
-        offs_d = tl.arange(0, BLOCK_D)
-        m_mask = (token < q_len) & (rows < TOKENS * GROUP)
-        d_mask = offs_d < HEAD_DIM
-        q = tl.load(q_ptr + (q_start + token)[:, None] * q_stride_t + head[:, None] * q_stride_h + offs_d[None, :],
-                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        q_pos = k_len - q_len + token  # each query's position: it sees keys up to there
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        end = tl.minimum(k_len, k_len - q_len + first + TOKENS)
-        # a split reads at least MIN_SPLIT_KEYS keys: short sequences use fewer splits than they are given
-        chunk = tl.maximum(tl.cdiv(tl.cdiv(end, SPLITS), BLOCK_N) * BLOCK_N, MIN_SPLIT_KEYS)
-        lo = split * chunk
-        hi = tl.minimum(end, (split + 1) * chunk)
-        # key tiles up to the tile's first query's position are seen by every row: no mask there
-        seen_by_all = tl.minimum(hi, tl.maximum(lo, (k_len - q_len + first + 1) // BLOCK_N * BLOCK_N))
-        m_i, l_i, acc = _attend_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq,
-                                     block_table_stride, kv_head, offs_d, d_mask, q_pos, scale_log2, lo, seen_by_all,
-                                     NUM_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, False)
-        m_i, l_i, acc = _attend_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq,
-                                     block_table_stride, kv_head, offs_d, d_mask, q_pos, scale_log2, seen_by_all, hi,
-                                     NUM_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, True)
-        mask = m_mask[:, None] & d_mask[None, :]
-        # A row that saw no key (a CUDA graph's padding has context length 0) gets zeros, not 0 / 0 or NaN
-        out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
-        if SPLITS == 1:
-            tl.store(out_ptr + (q_start + token)[:, None] * o_stride_t + head[:, None] * o_stride_h + offs_d[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=mask)
-        else:  # and a split that saw no key weighs nothing in the combination
-            at = (split * num_tokens + q_start + token) * num_heads + head
-            tl.store(partial_ptr + at[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask)
-            lse = m_i * scale_log2 * 0.6931471805599453 + tl.log(l_i)  # natural log; m_i is of unscaled Q K^T
-            tl.store(lse_ptr + at, tl.where(l_i > 0, lse, float("-inf")), mask=m_mask)
+    rows = tl.arange(0, BLOCK_M)
+    token = first + rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = (token < q_len) & (rows < TOKENS * GROUP)
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(q_ptr + (q_start + token)[:, None] * q_stride_t + head[:, None] * q_stride_h + offs_d[None, :],
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    q_pos = k_len - q_len + token  # each query's position: it sees keys up to there
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # key tiles up to the tile's first query's position are seen by every row: no mask there
+    seen_by_all = tl.minimum(hi, tl.maximum(lo, (k_len - q_len + first + 1) // BLOCK_N * BLOCK_N))
+    m_i, l_i, acc = _attend_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq,
+                                 block_table_stride, kv_head, offs_d, d_mask, q_pos, scale_log2, lo, seen_by_all,
+                                 NUM_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, False)
+    m_i, l_i, acc = _attend_keys(q, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq,
+                                 block_table_stride, kv_head, offs_d, d_mask, q_pos, scale_log2, seen_by_all, hi,
+                                 NUM_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N, True)
+    out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
+    lse = m_i * scale_log2 * 0.6931471805599453 + tl.log(l_i)  # natural log; m_i is of unscaled Q K^T
+    return out, tl.where(l_i > 0, lse, float("-inf")), q_start + token, head, m_mask
 
 
 @triton.jit
-def _paged_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, cu_seqlens_q_ptr,
-                            context_lens_ptr, block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h,
-                            block_table_stride, num_tokens, num_heads, num_seqs, scale_log2, NUM_KV_HEADS: tl.constexpr,
-                            GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr,
-                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
-                            MIN_SPLIT_KEYS: tl.constexpr, DECODE: tl.constexpr):
-    """A decode has one program per (sequence, KV head, split of the keys). Otherwise a fixed number of programs
-    per KV head take turns over the (tile of query tokens, split) pairs of the step: the tiles are numbered across
-    the batch (sequence i's from cu_seqlens_q[i] // TOKENS + i) and counted over the step's own sequences only, so
-    a CUDA graph holds the grid and its padding (empty sequences past the step's) costs no program."""
-    kv_head = tl.program_id(1)
-    if DECODE:
-        _attend_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, cu_seqlens_q_ptr,
-                     context_lens_ptr, block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h,
-                     block_table_stride, num_tokens, num_heads, scale_log2, tl.program_id(0), 0, kv_head,
-                     tl.program_id(2), NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N, SPLITS,
-                     MIN_SPLIT_KEYS)
+def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, context_lens_ptr,
+                   block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h, block_table_stride, num_seqs,
+                   num_heads, scale_log2, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   SPLITS: tl.constexpr, MIN_SPLIT_KEYS: tl.constexpr):
+    """One program per (sequence, KV head, split of the keys). With SPLITS > 1 each writes its split's output and
+    log-sum-exp for _combine_splits_kernel (a split past a short sequence's keys, its log-sum-exp only)."""
+    seq, kv_head, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    k_len = tl.load(context_lens_ptr + seq)
+    # a split reads at least MIN_SPLIT_KEYS keys: short sequences use fewer splits than they are given
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(k_len, SPLITS), BLOCK_N) * BLOCK_N, MIN_SPLIT_KEYS)
+    lo = split * chunk
+    out, lse, token, head, m_mask = _attend_tile(
+        q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, q_stride_t, q_stride_h, block_table_stride, scale_log2,
+        seq, seq, 1, 0, k_len, kv_head, lo, tl.minimum(k_len, lo + chunk), NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_D,
+        PAGE, BLOCK_M, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    if SPLITS == 1:
+        tl.store(out_ptr + token[:, None] * o_stride_t + head[:, None] * o_stride_h + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        TOKENS: tl.constexpr = BLOCK_M // GROUP
-        total = tl.load(cu_seqlens_q_ptr + num_seqs)
-        lo = 0
-        hi = num_seqs
-        while lo < hi:  # the step's sequences: those before the first that starts at the total (none is empty)
-            mid = (lo + hi) // 2
-            if tl.load(cu_seqlens_q_ptr + mid) < total:
-                lo = mid + 1
-            else:
-                hi = mid
-        last = lo - 1
-        for work in range(tl.program_id(0), (total // TOKENS + lo) * SPLITS, tl.num_programs(0)):
-            tile = work // SPLITS
-            seq = 0
-            hi = last
-            while seq < hi:  # the last sequence whose first tile is at or before this one
-                mid = (seq + hi + 1) // 2
-                if tl.load(cu_seqlens_q_ptr + mid) // TOKENS + mid <= tile:
-                    seq = mid
-                else:
-                    hi = mid - 1
-            first = (tile - tl.load(cu_seqlens_q_ptr + seq) // TOKENS - seq) * TOKENS
-            _attend_tile(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, cu_seqlens_q_ptr,
-                         context_lens_ptr, block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h,
-                         block_table_stride, num_tokens, num_heads, scale_log2, seq, first, kv_head, work % SPLITS,
-                         NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N, SPLITS, MIN_SPLIT_KEYS)
+        at = (split * num_seqs + token) * num_heads + head
+        tl.store(partial_ptr + at[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask)
+        tl.store(lse_ptr + at, lse, mask=m_mask)
 
 
 @triton.jit
-def _combine_splits_kernel(partial_ptr, lse_ptr, out_ptr, cu_seqlens_q_ptr, num_seqs, num_tokens, num_heads,
-                           o_stride_t, o_stride_h, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                           SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
-    """out = the splits' outputs weighted by exp(their log-sum-exp), for one (token, head). A CUDA graph's padding
-    tokens (past the step's own) are skipped, and so are the partial outputs of splits that saw no key: a short
-    sequence's, or a decode's in a step with a long prompt chunk."""
+def _prompt_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, items_ptr, cu_seqlens_q_ptr,
+                   context_lens_ptr, block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h,
+                   block_table_stride, scale_log2, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
+    """The programs of a KV head take the step's planned items in turn (prompt_work.plan): a tile of a sequence's
+    query tokens over a range of its keys. A whole tile's output is written at once; a split's, with its
+    log-sum-exp, goes to its slot of partial outputs for _combine_tiles_kernel."""
+    kv_head = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    for i in range(tl.program_id(0), tl.load(items_ptr), tl.num_programs(0)):
+        item = items_ptr + 5 * (i + 1)
+        seq = tl.load(item)
+        first, lo, hi, slot = tl.load(item + 1), tl.load(item + 2), tl.load(item + 3), tl.load(item + 4)
+        q_start = tl.load(cu_seqlens_q_ptr + seq)
+        q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+        out, lse, token, head, m_mask = _attend_tile(
+            q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, q_stride_t, q_stride_h, block_table_stride,
+            scale_log2, seq, q_start, q_len, first, tl.load(context_lens_ptr + seq), kv_head, lo, hi,
+            NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N)
+        mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+        if slot < 0:
+            tl.store(out_ptr + token[:, None] * o_stride_t + head[:, None] * o_stride_h + offs_d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            at = (slot * NUM_KV_HEADS + kv_head) * BLOCK_M + rows
+            tl.store(partial_ptr + at[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask)
+            tl.store(lse_ptr + at, lse, mask=m_mask)
+
+
+@triton.jit
+def _combine_tiles_kernel(partial_ptr, lse_ptr, out_ptr, combines_ptr, cu_seqlens_q_ptr, o_stride_t, o_stride_h,
+                          NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The output of each tile whose keys were split: its splits' outputs weighted by exp(their log-sum-exp),
+    for one KV head's rows (a split some rows saw no key of weighs nothing for them)."""
+    TOKENS: tl.constexpr = BLOCK_M // GROUP
+    kv_head = tl.program_id(1)
+    rows = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    for i in range(tl.program_id(0), tl.load(combines_ptr), tl.num_programs(0)):
+        tile = combines_ptr + 4 * (i + 1)
+        seq, first, first_slot, slots = tl.load(tile), tl.load(tile + 1), tl.load(tile + 2), tl.load(tile + 3)
+        q_start = tl.load(cu_seqlens_q_ptr + seq)
+        token = first + rows // GROUP
+        m_mask = (token < tl.load(cu_seqlens_q_ptr + seq + 1) - q_start) & (rows < TOKENS * GROUP)
+        mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+        top = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        for slot in range(first_slot, first_slot + slots):
+            top = tl.maximum(top, tl.load(lse_ptr + (slot * NUM_KV_HEADS + kv_head) * BLOCK_M + rows))
+        total = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for slot in range(first_slot, first_slot + slots):
+            at = (slot * NUM_KV_HEADS + kv_head) * BLOCK_M + rows
+            lse = tl.load(lse_ptr + at)
+            weight = tl.where(lse > float("-inf"), tl.exp(lse - top), 0.0)
+            total += weight
+            acc += weight[:, None] * tl.load(partial_ptr + at[:, None] * HEAD_DIM + offs_d[None, :],
+                                             mask=mask & (lse > float("-inf"))[:, None], other=0.0)
+        head = kv_head * GROUP + rows % GROUP
+        tl.store(out_ptr + (q_start + token)[:, None] * o_stride_t + head[:, None] * o_stride_h + offs_d[None, :],
+                 (acc / tl.where(total > 0, total, 1.0)[:, None]).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _combine_splits_kernel(partial_ptr, lse_ptr, out_ptr, num_seqs, num_heads, o_stride_t, o_stride_h,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, SPLITS: tl.constexpr,
+                           BLOCK_S: tl.constexpr):
+    """A decode's out = its splits' outputs weighted by exp(their log-sum-exp), for one (sequence, head); splits
+    that saw no key (a short sequence's, a CUDA graph's padding rows) are not loaded."""
     token = tl.program_id(0)
     head = tl.program_id(1)
-    if token < tl.load(cu_seqlens_q_ptr + num_seqs):
-        splits = tl.arange(0, BLOCK_S)
-        offs_d = tl.arange(0, BLOCK_D)
-        at = (splits * num_tokens + token) * num_heads + head
-        lse = tl.load(lse_ptr + at, mask=splits < SPLITS, other=float("-inf"))
-        seen = lse > float("-inf")  # none for a CUDA graph's padding rows
-        weight = tl.where(seen, tl.exp(lse - tl.max(lse, 0)), 0.0)
-        partial = tl.load(partial_ptr + at[:, None] * HEAD_DIM + offs_d[None, :],
-                          mask=seen[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        total = tl.sum(weight, 0)
-        out = tl.sum(partial * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
-        tl.store(out_ptr + token * o_stride_t + head * o_stride_h + offs_d, out.to(out_ptr.dtype.element_ty),
-                 mask=offs_d < HEAD_DIM)
+    splits = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    at = (splits * num_seqs + token) * num_heads + head
+    lse = tl.load(lse_ptr + at, mask=splits < SPLITS, other=float("-inf"))
+    seen = lse > float("-inf")
+    weight = tl.where(seen, tl.exp(lse - tl.max(lse, 0)), 0.0)
+    partial = tl.load(partial_ptr + at[:, None] * HEAD_DIM + offs_d[None, :],
+                      mask=seen[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    total = tl.sum(weight, 0)
+    out = tl.sum(partial * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + token * o_stride_t + head * o_stride_h + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
 
 
-MIN_SPLIT_KEYS = 512  # fewer keys per split cost more in programs and partial outputs than they save
-
-
-def key_splits(num_tiles: int, num_kv_heads: int, decode: bool, device: torch.device) -> int:
-    """Splits of the keys, so that a step with few query tiles (a small decode batch, a short prompt chunk) still
-    has programs for every SM and one long sequence among short ones is read by many SMs (a CUDA graph fixes the
-    splits before the lengths are known; a short sequence's unused splits end at once). Decodes: some eight
-    programs per SM. Prompt tokens, measured on an H100 (benchmarks/RESULTS.md): a power of two up to some four
-    per SM (3 splits were slower than 2 in most steps, never faster than both 2 and 4), and at least 2 below
-    twelve (query tile, KV head) pairs per SM (at 32/8 heads, 2,032 tokens over 7,000 keys ran 1.18x faster in 2
-    splits; at 16/8 heads, a 1,024-token prompt ran 1.24x slower)."""
+def key_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """Splits of a decode's keys, so that a small batch still has programs for every SM (some eight per SM) and
+    one long sequence among short ones is read by many SMs (a CUDA graph fixes the splits before the lengths are
+    known; a short sequence's unused splits end at once)."""
     if device.type != "cuda":
         return 1
-    sms, work = multiprocessors(device), num_tiles * num_kv_heads
-    if decode:
-        return max(1, min(16, 8 * sms // work))
-    splits = 1 << max(0, (4 * sms // work).bit_length() - 1)
-    return min(16, max(2, splits) if work < 12 * sms else splits)
-
-
-def programs_per_kv_head(num_kv_heads: int, splits: int, device: torch.device) -> int:
-    """Programs that take turns over a step's (query tile, split) pairs. Some eight per SM, which balance a step of
-    many tiles of unequal cost (prompts alone); two per SM (as many as fit at once) where the keys are split four
-    ways or more, whose pairs cost about the same: on an H100 a 128-token chunk over 7,000 keys ran 1.18x faster
-    (benchmarks/RESULTS.md). On CPU (Triton's interpreter) two, so that each takes several turns in the tests."""
-    if device.type != "cuda":
-        return 2
-    return max(1, (2 if splits >= 4 else 8) * multiprocessors(device) // num_kv_heads)
+    return max(1, min(16, 8 * multiprocessors(device) // (num_seqs * num_kv_heads)))
 
 
 def tile_config(block_m: int, block_d: int, decode: bool, device: torch.device) -> dict:
@@ -227,7 +234,7 @@ def tile_config(block_m: int, block_d: int, decode: bool, device: torch.device) 
     up to 1.12x faster than 3 and 2, at most 1% slower: benchmarks/RESULTS.md) where the stages of K and V tiles fit
     in shared memory beside the query tile, else fewer (on a Turing GPU at head size 128: 32 keys in 2 stages)."""
     if device.type != "cuda":  # Triton's CPU interpreter: stages do not apply
-        return dict(BLOCK_N=64)
+        return dict(BLOCK_N=KEY_TILE)
     shared = shared_memory(device)
     for block_n, stages in ((64, 4), (64, 3), (64, 2), (32, 2), (16, 2))[0 if decode else 1:]:
         if (stages * 2 * block_n + 2 * block_m) * block_d * 2 <= shared:  # K, V stages; Q and a margin as large
@@ -236,43 +243,48 @@ def tile_config(block_m: int, block_d: int, decode: bool, device: torch.device) 
 
 
 def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
-                    block_tables: torch.Tensor, max_seqlen_q: int, scale: float, splits: int | None = None
-                    ) -> torch.Tensor:
+                    block_tables: torch.Tensor, max_seqlen_q: int, scale: float, splits: int | None = None,
+                    work: PromptWork | None = None) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its paged cache (new keys already stored).
 
     q: [tokens, heads, head_dim]; kv_cache: [2, blocks, page, kv_heads, head_dim]. Returns [tokens, heads, head_dim].
-    ``splits``: how many parts each sequence's keys are split into (default: ``key_splits``).
+    A decode (max_seqlen_q 1) splits each sequence's keys in ``splits`` parts (default: ``key_splits``). Steps
+    with prompt tokens run ``work``, the step's plan (prompt_work.py; the engine makes it on the host with the
+    step's other inputs); without it, it is planned here from the lengths, which waits for the GPU.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, page = kv_cache.shape[3], kv_cache.shape[2]
     num_seqs, group = cu_seqlens_q.numel() - 1, num_heads // num_kv_heads
-    decode = max_seqlen_q == 1
-    # 16 rows is the smallest tile tensor-core dots take (a decode fills GROUP of them); prefill chunks reuse
-    # each K/V tile for more query tokens
-    block_m = max(16 if decode else 64, triton.next_power_of_2(group))
-    tokens_per_tile = block_m // group
-    if splits is None:  # counting a prompt chunk's tiles, not the one each sequence may add
-        num_tiles = num_seqs if decode else max(1, num_tokens // tokens_per_tile)
-        splits = key_splits(num_tiles, num_kv_heads, decode, q.device)
-    out = torch.empty_like(q)
-    partial, lse = out, out  # each split's output and log-sum-exp, when there are splits
-    if splits > 1:
-        partial = torch.empty(splits, num_tokens, num_heads, head_dim, dtype=torch.float32, device=q.device)
-        lse = torch.empty(splits, num_tokens, num_heads, dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    if decode:
-        grid = (num_seqs, num_kv_heads, splits)
-    else:  # a sequence's first tile may straddle a multiple of the tile's tokens: one more tile per sequence
-        work = (num_tokens // tokens_per_tile + num_seqs) * splits
-        grid = (min(work, programs_per_kv_head(num_kv_heads, splits, q.device)), num_kv_heads, 1)
-    _paged_attention_kernel[grid](
-        q, kv_cache[0], kv_cache[1], out, partial, lse, cu_seqlens_q, context_lens, block_tables, q.stride(0),
-        q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0), num_tokens, num_heads, num_seqs,
-        scale * 1.4426950408889634,  # times log2(e): the kernel's softmax is exp2
-        NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page, BLOCK_M=block_m,
-        SPLITS=splits, MIN_SPLIT_KEYS=MIN_SPLIT_KEYS, DECODE=decode, **tile_config(block_m, block_d, decode, q.device))
-    if splits > 1:
-        _combine_splits_kernel[(num_tokens, num_heads)](
-            partial, lse, out, cu_seqlens_q, num_seqs, num_tokens, num_heads, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits))
+    out = torch.empty_like(q)
+    args = (q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0))
+    scale_log2 = scale * 1.4426950408889634  # times log2(e): the kernel's softmax is exp2
+    if max_seqlen_q == 1:
+        block_m = max(16, triton.next_power_of_2(group))  # the smallest tile tensor-core dots take
+        splits = splits or key_splits(num_seqs, num_kv_heads, q.device)
+        partial = torch.empty(splits, num_seqs, num_heads, head_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(splits, num_seqs, num_heads, dtype=torch.float32, device=q.device)
+        _decode_kernel[(num_seqs, num_kv_heads, splits)](
+            q, kv_cache[0], kv_cache[1], out, partial, lse, context_lens, block_tables, *args, num_seqs, num_heads,
+            scale_log2, NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page,
+            BLOCK_M=block_m, SPLITS=splits, MIN_SPLIT_KEYS=MIN_SPLIT_KEYS,
+            **tile_config(block_m, block_d, True, q.device))
+        if splits > 1:
+            _combine_splits_kernel[(num_seqs, num_heads)](
+                partial, lse, out, num_seqs, num_heads, out.stride(0), out.stride(1), HEAD_DIM=head_dim,
+                BLOCK_D=block_d, SPLITS=splits, BLOCK_S=triton.next_power_of_2(splits))
+        return out
+    if work is None:
+        work = prompt_work(cu_seqlens_q.diff().cpu().numpy(), context_lens.cpu().numpy(), num_heads, num_kv_heads,
+                           q.device)
+    block_m = max(PROMPT_TILE_ROWS, triton.next_power_of_2(group))
+    slots = 2 * work.programs
+    partial = torch.empty(slots, num_kv_heads, block_m, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(slots, num_kv_heads, block_m, dtype=torch.float32, device=q.device)
+    meta = dict(NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m)
+    _prompt_kernel[(work.programs, num_kv_heads)](
+        q, kv_cache[0], kv_cache[1], out, partial, lse, work.items, cu_seqlens_q, context_lens, block_tables, *args,
+        scale_log2, PAGE=page, **meta, **tile_config(block_m, block_d, False, q.device))
+    _combine_tiles_kernel[(work.programs, num_kv_heads)](partial, lse, out, work.combines, cu_seqlens_q,
+                                                         out.stride(0), out.stride(1), **meta)
     return out
