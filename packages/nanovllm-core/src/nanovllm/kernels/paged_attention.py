@@ -248,7 +248,8 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
     """Causal attention of each sequence's new queries over its paged cache (new keys already stored).
 
     q: [tokens, heads, head_dim]; kv_cache: [2, blocks, page, kv_heads, head_dim]. Returns [tokens, heads, head_dim].
-    A decode (max_seqlen_q 1) splits each sequence's keys in ``splits`` parts (default: ``key_splits``). Steps
+    A decode (max_seqlen_q 1: sequence i's one query token in row i) splits each sequence's keys in ``splits``
+    parts (default: ``key_splits``). Steps
     with prompt tokens run ``work``, the step's plan (prompt_work.py; the engine makes it on the host with the
     step's other inputs); without it, it is planned here from the lengths, which waits for the GPU.
     """
@@ -262,8 +263,10 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
     if max_seqlen_q == 1:
         block_m = max(16, triton.next_power_of_2(group))  # the smallest tile tensor-core dots take
         splits = splits or key_splits(num_seqs, num_kv_heads, q.device)
-        partial = torch.empty(splits, num_seqs, num_heads, head_dim, dtype=torch.float32, device=q.device)
-        lse = torch.empty(splits, num_seqs, num_heads, dtype=torch.float32, device=q.device)
+        partial, lse = out, out  # each split's output and log-sum-exp, when there are splits
+        if splits > 1:
+            partial = torch.empty(splits, num_seqs, num_heads, head_dim, dtype=torch.float32, device=q.device)
+            lse = torch.empty(splits, num_seqs, num_heads, dtype=torch.float32, device=q.device)
         _decode_kernel[(num_seqs, num_kv_heads, splits)](
             q, kv_cache[0], kv_cache[1], out, partial, lse, context_lens, block_tables, *args, num_seqs, num_heads,
             scale_log2, NUM_KV_HEADS=num_kv_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d, PAGE=page,
