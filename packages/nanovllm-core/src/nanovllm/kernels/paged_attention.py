@@ -105,6 +105,21 @@ def _attend_tile(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, q_stride_t, 
 
 
 @triton.jit
+def _write_tile(out_ptr, partial_ptr, lse_ptr, out, lse, token, head, m_mask, partial_row, split, o_stride_t,
+                o_stride_h, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A tile's rows (of _attend_tile) into the output or, for a split of the keys, with their log-sum-exp into
+    the partial outputs' rows ``partial_row``."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    if split:
+        tl.store(partial_ptr + partial_row[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask)
+        tl.store(lse_ptr + partial_row, lse, mask=m_mask)
+    else:
+        tl.store(out_ptr + token[:, None] * o_stride_t + head[:, None] * o_stride_h + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_ptr, context_lens_ptr,
                    block_tables_ptr, q_stride_t, q_stride_h, o_stride_t, o_stride_h, block_table_stride, num_seqs,
                    num_heads, scale_log2, NUM_KV_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -121,15 +136,8 @@ def _decode_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_pt
         q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, q_stride_t, q_stride_h, block_table_stride, scale_log2,
         seq, seq, 1, 0, k_len, kv_head, lo, tl.minimum(k_len, lo + chunk), NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_D,
         PAGE, BLOCK_M, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    if SPLITS == 1:
-        tl.store(out_ptr + token[:, None] * o_stride_t + head[:, None] * o_stride_h + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        at = (split * num_seqs + token) * num_heads + head
-        tl.store(partial_ptr + at[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask)
-        tl.store(lse_ptr + at, lse, mask=m_mask)
+    _write_tile(out_ptr, partial_ptr, lse_ptr, out, lse, token, head, m_mask,
+                (split * num_seqs + token) * num_heads + head, SPLITS > 1, o_stride_t, o_stride_h, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -143,7 +151,6 @@ def _prompt_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_pt
     log-sum-exp, goes to its slot of partial outputs for _combine_tiles_kernel."""
     kv_head = tl.program_id(1)
     rows = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
     for i in range(tl.program_id(0), tl.load(items_ptr), tl.num_programs(0)):
         item = items_ptr + 5 * (i + 1)
         seq = tl.load(item)
@@ -154,14 +161,9 @@ def _prompt_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, partial_ptr, lse_pt
             q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, q_stride_t, q_stride_h, block_table_stride,
             scale_log2, seq, q_start, q_len, first, tl.load(context_lens_ptr + seq), kv_head, lo, hi,
             NUM_KV_HEADS, GROUP, HEAD_DIM, BLOCK_D, PAGE, BLOCK_M, BLOCK_N)
-        mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-        if slot < 0:
-            tl.store(out_ptr + token[:, None] * o_stride_t + head[:, None] * o_stride_h + offs_d[None, :],
-                     out.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            at = (slot * NUM_KV_HEADS + kv_head) * BLOCK_M + rows
-            tl.store(partial_ptr + at[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask)
-            tl.store(lse_ptr + at, lse, mask=m_mask)
+        _write_tile(out_ptr, partial_ptr, lse_ptr, out, lse, token, head, m_mask,
+                    (slot * NUM_KV_HEADS + kv_head) * BLOCK_M + rows, slot >= 0, o_stride_t, o_stride_h, HEAD_DIM,
+                    BLOCK_D)
 
 
 @triton.jit
