@@ -5,7 +5,7 @@ under the interpreter here and on the GPU machine (which has no Turing card)."""
 import pytest
 import triton
 
-from nanovllm.kernels import grouped_moe, paged_attention, rotary, routing, sampling, store_kv
+from nanovllm.kernels import grouped_moe, paged_attention, prompt_work, rotary, routing, sampling, store_kv
 from nanovllm.testing.turing import CUDA, FP16, FP32, INT32, INT64, compile_for_turing, fits, on_turing
 
 # head size, query heads / KV heads (groups of 2, 4 and 7: Qwen3-0.6B, Llama 3 8B, Qwen2-0.5B), page size
@@ -16,7 +16,7 @@ ATTENTION_CASES = [(128, 16, 8, 256), (128, 32, 8, 256), (64, 14, 2, 256), (80, 
 @pytest.mark.parametrize("head_dim, heads, kv_heads, page", ATTENTION_CASES)
 def test_paged_attention_compiles_for_turing(head_dim, heads, kv_heads, page, decode):
     group = heads // kv_heads
-    block_m = max(16 if decode else paged_attention.PROMPT_TILE_ROWS, triton.next_power_of_2(group))
+    block_m = max(16, triton.next_power_of_2(group)) if decode else prompt_work.tile_rows(group)
     block_d = max(16, triton.next_power_of_2(head_dim))
     with on_turing(paged_attention):
         config = paged_attention.tile_config(block_m, block_d, decode, CUDA)

@@ -17,7 +17,7 @@ from nanovllm.engine.cuda_graphs import CudaGraphs
 from nanovllm.engine.kv_compaction import KVCompaction
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.expert_manager import select_expert_manager
-from nanovllm.kernels.prompt_work import PromptWork, plan, programs_per_kv_head, with_counts
+from nanovllm.kernels.prompt_work import prompt_work
 from nanovllm.kv_retention import select_kv_retention_policy
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.sampler import LogitsAdjustments, Sampler
@@ -373,7 +373,9 @@ class ModelRunner:
             fresh_prefill = bool((inputs.cu_seqlens_q == inputs.cu_seqlens_k).all())
             work = None
             if self.device.type == "cuda" and not (inputs.is_decode or fresh_prefill):
-                work = self._prompt_work(np.diff(inputs.cu_seqlens_q), seqlens_k)
+                layer = self.attention_layers[0]
+                work = prompt_work(np.diff(inputs.cu_seqlens_q), seqlens_k, layer.num_heads, layer.num_kv_heads,
+                                   self.device, to_device=self._to_device)
             set_context(Context(
                 cu_seqlens_q=to_device("cu_seqlens_q"), cu_seqlens_k=cu_seqlens_k,
                 max_seqlen_q=int(np.diff(inputs.cu_seqlens_q).max()), max_seqlen_k=int(seqlens_k.max()),
@@ -386,14 +388,6 @@ class ModelRunner:
                 set_context(None)
         return (self.model.compute_logits(hidden[to_device("logits_indices")]),
                 self._prompt_logprobs(hidden, inputs.prompt_logprobs))
-
-    def _prompt_work(self, q_lens: np.ndarray, k_lens: np.ndarray) -> PromptWork:
-        """The step's prompt tokens planned for core's paged-attention kernel, staged like its other inputs."""
-        layer = self.attention_layers[0]
-        programs = programs_per_kv_head(layer.num_kv_heads, self.device)
-        items, combines = plan(q_lens, k_lens, layer.num_heads // layer.num_kv_heads, programs)
-        return PromptWork(self._to_device("work_items", with_counts(items, len(items))),
-                          self._to_device("work_combines", with_counts(combines, programs)))
 
     def _prompt_logprobs(self, hidden: torch.Tensor, asked: PromptLogprobInputs | None) -> torch.Tensor | None:
         """Rank 0's packed log-probabilities of the asked positions' next prompt tokens, a slice of rows at a time."""

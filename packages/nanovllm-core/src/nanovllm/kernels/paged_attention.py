@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels import multiprocessors, shared_memory
-from nanovllm.kernels.prompt_work import KEY_TILE, MIN_SPLIT_KEYS, PROMPT_TILE_ROWS, PromptWork, prompt_work
+from nanovllm.kernels.prompt_work import KEY_TILE, MIN_SPLIT_KEYS, PromptWork, prompt_work, tile_rows
 
 
 @triton.jit
@@ -251,9 +251,9 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
 
     q: [tokens, heads, head_dim]; kv_cache: [2, blocks, page, kv_heads, head_dim]. Returns [tokens, heads, head_dim].
     A decode (max_seqlen_q 1: sequence i's one query token in row i) splits each sequence's keys in ``splits``
-    parts (default: ``key_splits``). Steps
-    with prompt tokens run ``work``, the step's plan (prompt_work.py; the engine makes it on the host with the
-    step's other inputs); without it, it is planned here from the lengths, which waits for the GPU.
+    parts (default: ``key_splits``). Steps with prompt tokens run ``work``, the step's plan (prompt_work.py; the
+    engine makes it on the host with the step's other inputs); without it, it is planned here from the lengths,
+    which waits for the GPU.
     """
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, page = kv_cache.shape[3], kv_cache.shape[2]
@@ -282,7 +282,7 @@ def paged_attention(q: torch.Tensor, kv_cache: torch.Tensor, cu_seqlens_q: torch
     if work is None:
         work = prompt_work(cu_seqlens_q.diff().cpu().numpy(), context_lens.cpu().numpy(), num_heads, num_kv_heads,
                            q.device)
-    block_m = max(PROMPT_TILE_ROWS, triton.next_power_of_2(group))
+    block_m = tile_rows(group)
     slots = 2 * work.programs
     partial = torch.empty(slots, num_kv_heads, block_m, head_dim, dtype=torch.float32, device=q.device)
     lse = torch.empty(slots, num_kv_heads, block_m, dtype=torch.float32, device=q.device)

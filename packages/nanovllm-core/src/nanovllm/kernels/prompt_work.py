@@ -2,6 +2,7 @@
 step's lengths (as FlashInfer plans its work): the engine has them there before the step runs, so the kernel
 neither searches for its work nor runs programs that have none, and a CUDA graph of the step takes the plan as
 one more input. No triton here: the engine imports it on every platform."""
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -29,9 +30,14 @@ class PromptWork(NamedTuple):
         return self.combines.size(0) - 1
 
 
+def tile_rows(group: int) -> int:
+    """Query rows of a prompt tile (the kernel's BLOCK_M): its tokens times the ``group`` heads sharing a KV head."""
+    return max(PROMPT_TILE_ROWS, 1 << (group - 1).bit_length())
+
+
 def tile_tokens(group: int) -> int:
-    """Query tokens of a prompt tile, whose rows are the tokens times the ``group`` heads sharing a KV head."""
-    return max(PROMPT_TILE_ROWS, 1 << (group - 1).bit_length()) // group
+    """Query tokens of a prompt tile."""
+    return tile_rows(group) // group
 
 
 def programs_per_kv_head(num_kv_heads: int, device: torch.device) -> int:
@@ -90,9 +96,12 @@ def with_counts(rows: np.ndarray, capacity: int) -> np.ndarray:
 
 
 def prompt_work(q_lens: np.ndarray, k_lens: np.ndarray, num_heads: int, num_kv_heads: int, device: torch.device,
-                programs: int | None = None, min_split_keys: int = MIN_SPLIT_KEYS) -> PromptWork:
-    """The plan of a step (see ``plan``) on ``device``, sized to it."""
+                programs: int | None = None, min_split_keys: int = MIN_SPLIT_KEYS,
+                to_device: Callable[[str, np.ndarray], torch.Tensor] | None = None) -> PromptWork:
+    """The plan of a step (see ``plan``) on ``device``, sized to it; ``to_device(name, array)`` copies each array
+    there (the engine stages it like its other inputs)."""
     programs = programs or programs_per_kv_head(num_kv_heads, device)
+    to_device = to_device or (lambda name, array: torch.from_numpy(array).to(device))
     items, combines = plan(q_lens, k_lens, num_heads // num_kv_heads, programs, min_split_keys)
-    return PromptWork(torch.from_numpy(with_counts(items, len(items))).to(device),
-                      torch.from_numpy(with_counts(combines, programs)).to(device))
+    return PromptWork(to_device("work_items", with_counts(items, len(items))),
+                      to_device("work_combines", with_counts(combines, programs)))
